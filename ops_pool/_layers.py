@@ -1,0 +1,51 @@
+"""Small building blocks shared by the op families."""
+
+import torch
+from torch import nn
+
+__all__ = ["Residual", "SqueezeExcite", "conv_bn", "wrap_skip"]
+
+
+class Residual(nn.Module):
+    """``x + body(x)``: the skip connection added when input and output shapes match."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation gate with an explicit reduced width ``rd_channels``."""
+
+    def __init__(self, channels: int, rd_channels: int):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(channels, rd_channels, 1, bias=True)
+        self.act = nn.SiLU()
+        self.conv_expand = nn.Conv2d(rd_channels, channels, 1, bias=True)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        s = self.conv_expand(self.act(self.conv_reduce(s)))
+        return x * self.gate(s)
+
+
+def conv_bn(
+    c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1, act: type | None = None
+) -> list[nn.Module]:
+    """``Conv2d(k, stride, 'same'-style padding, no bias) + BN [+ act]`` as a list of layers."""
+    layers = [
+        nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(c_out),
+    ]
+    if act is not None:
+        layers.append(act())
+    return layers
+
+
+def wrap_skip(body: nn.Module, in_shape, out_shape) -> nn.Module:
+    """Add a skip connection around ``body`` when the layer's shapes match."""
+    return Residual(body) if tuple(in_shape) == tuple(out_shape) else body

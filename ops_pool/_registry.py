@@ -1,0 +1,132 @@
+"""Registry of candidate operators: name -> builder(in_shape, out_shape) -> nn.Module."""
+
+import difflib
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._errors import OpShapeError, OpsPoolError, UnknownOpError
+
+__all__ = ["register", "unregister", "build", "list_ops", "valid_ops", "is_registered"]
+
+Shape = tuple[int, ...]
+Builder = Callable[[Shape, Shape], nn.Module]
+Accepts = Callable[[Shape, Shape], bool]
+
+RESERVED_NAMES = frozenset({"teacher"})
+
+
+@dataclass(frozen=True)
+class _Entry:
+    builder: Builder
+    accepts: Accepts | None
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def _check_free(name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise OpsPoolError(f"Op names must be non-empty strings, got {name!r}")
+    if name in RESERVED_NAMES:
+        raise OpsPoolError(f"The name {name!r} is reserved; register the op under another name")
+    if name in _REGISTRY:
+        raise OpsPoolError(
+            f"An op is already registered under {name!r}; choose another name "
+            "or call ops_pool.unregister() first"
+        )
+
+
+def register(name: str, *, accepts: Accepts | None = None) -> Callable[[Builder], Builder]:
+    """Decorator registering ``builder(in_shape, out_shape) -> nn.Module`` under ``name``.
+
+    ``accepts(in_shape, out_shape) -> bool`` says cheaply whether the op fits a layer; when
+    None the op is assumed to fit any layer and is shape-checked when built.
+    """
+    _check_free(name)
+
+    def decorator(builder: Builder) -> Builder:
+        _check_free(name)
+        _REGISTRY[name] = _Entry(builder, accepts)
+        return builder
+
+    return decorator
+
+
+def _entry(name: str) -> _Entry:
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UnknownOpError(
+            f"No op is registered under {name!r}.{hint} See ops_pool.list_ops() for all names."
+        ) from None
+
+
+def unregister(name: str) -> None:
+    """Remove the op registered under ``name`` (mainly for tests and user ops)."""
+    _entry(name)
+    del _REGISTRY[name]
+
+
+def is_registered(name: str) -> bool:
+    """True when an op is registered under ``name``."""
+    return name in _REGISTRY
+
+
+def list_ops(filter: str = "*") -> list[str]:
+    """Registered op names matching the fnmatch pattern ``filter``, in registration order."""
+    return [n for n in _REGISTRY if fnmatch.fnmatchcase(n, filter)]
+
+
+def _as_shape(s) -> Shape:
+    return tuple(int(d) for d in s)
+
+
+def _accepts(entry: _Entry, in_shape: Shape, out_shape: Shape) -> bool:
+    return entry.accepts is None or bool(entry.accepts(in_shape, out_shape))
+
+
+def valid_ops(in_shape, out_shape) -> list[str]:
+    """Names of the ops whose ``accepts`` is True for these shapes (nothing is built)."""
+    in_shape, out_shape = _as_shape(in_shape), _as_shape(out_shape)
+    return [n for n, e in _REGISTRY.items() if _accepts(e, in_shape, out_shape)]
+
+
+def build(name: str, in_shape, out_shape) -> nn.Module:
+    """Build op ``name`` for a layer with per-sample ``in_shape`` -> ``out_shape``.
+
+    The module is checked with a forward pass on zeros of shape ``(2, *in_shape)`` and
+    returned in train mode.
+    """
+    entry = _entry(name)
+    in_shape, out_shape = _as_shape(in_shape), _as_shape(out_shape)
+    where = f"op {name!r} built for in_shape {in_shape} -> out_shape {out_shape}"
+    if not _accepts(entry, in_shape, out_shape):
+        raise OpShapeError(
+            f"op {name!r} does not accept in_shape {in_shape} -> out_shape {out_shape}; "
+            "use ops_pool.valid_ops(in_shape, out_shape) to list the ops that do"
+        )
+    module = entry.builder(in_shape, out_shape)
+    if not isinstance(module, nn.Module):
+        raise OpsPoolError(f"{where} returned {type(module).__name__}, not an nn.Module")
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            y = module(torch.zeros(2, *in_shape))
+    except Exception as exc:
+        raise OpShapeError(f"{where} failed on an input of shape {(2, *in_shape)}: {exc}") from exc
+    finally:
+        module.train(was_training)
+    got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+    if got != (2, *out_shape):
+        raise OpShapeError(
+            f"{where} produced {got} but the layer needs {(2, *out_shape)}; "
+            "fix the builder or its accepts() predicate"
+        )
+    return module
