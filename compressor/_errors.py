@@ -1,4 +1,4 @@
-"""One exception base for the package; subclasses are user errors with a next step in the message."""
+"""One exception base for the package; subclasses are user errors that say the next step."""
 
 __all__ = [
     "CompressorError",

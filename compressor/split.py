@@ -84,7 +84,7 @@ def _call_order(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, int]
             handles.append(mod.register_forward_hook(hook(name)))
     try:
         with torch.no_grad():
-            model(example)
+            output = model(example)
     finally:
         for h in handles:
             h.remove()
@@ -94,7 +94,8 @@ def _call_order(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, int]
         parts = name.split(".")
         for i in range(1, len(parts) + 1):
             entry.setdefault(".".join(parts[:i]), len(entry))
-    return {k: entry[k] for k in order}, {"shapes": shapes, "calls": calls}
+    out_shape = tuple(output.shape[1:]) if torch.is_tensor(output) else None
+    return {k: entry[k] for k in order}, {"shapes": shapes, "calls": calls, "output": out_shape}
 
 
 def _units(model: nn.Module, order: dict[str, int]) -> list[tuple[str, bool]]:
@@ -181,8 +182,10 @@ class Split:
         head: fx.GraphModule,
         input_size: tuple[int, int, int],
         teacher: nn.Module,
+        output_shape: tuple[int, ...] | None = None,
     ):
         self.model_name = model_name
+        self.output_shape = output_shape
         self.stem = stem
         self.layers = layers
         self.head = head
@@ -320,7 +323,7 @@ def split(
             Layer(i, p, info["shapes"][p][0], info["shapes"][p][1], modules[p])
             for i, p in enumerate(body)
         ]
-        return Split(name, stem, layers, head, size, model)
+        return Split(name, stem, layers, head, size, model, info["output"])
     finally:
         model.train(was_training)
 

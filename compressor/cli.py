@@ -1,0 +1,289 @@
+"""Command line: ``compress`` (the whole pipeline) and ``hant`` (one phase at a time).
+
+Both are thin layers over `compressor.Run`; a user error prints one line and exits with 2.
+Set ``HANT_DEBUG=1`` to see the full traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+import latency_luts
+import ops_pool
+
+from ._errors import CompressorError
+
+__all__ = ["compress_main", "hant"]
+
+_USER_ERRORS = (CompressorError, latency_luts.LutError, ops_pool.OpsPoolError)
+
+
+def _handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _USER_ERRORS as e:
+            if os.environ.get("HANT_DEBUG"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished work is saved; run the same command to resume",
+                       err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="hant: %(message)s", stream=sys.stderr)
+    for noisy in ("timm", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run_options(fn):
+    """Options shared by every command that runs phases."""
+    opts = [
+        click.argument("model"),
+        click.option("--data", required=True, type=click.Path(path_type=Path),
+                     help="Folder of images (ImageFolder with wnid folders, or flat)."),
+        click.option("--target", default="cpu", show_default=True,
+                     help="Target profile (`hant lut targets`) or a LUT file."),
+        click.option("--lut", type=click.Path(path_type=Path), default=None,
+                     help="A LUT file built with `hant lut build` (overrides --target)."),
+        click.option("--speedup", default="0.5", show_default=True,
+                     help="Student latency / teacher latency, in (0, 1); 0.5 = twice as fast."),
+        click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+                     help="Teacher weights (safetensors or torch file, loaded weights-only)."),
+        click.option("--recipe", default=None,
+                     help="Recipe name or YAML path [default: MODEL-TARGET if shipped, else "
+                          "default]."),
+        click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+                     help="Artifact cache [default: $HANT_HOME or ~/.cache/hant]."),
+        click.option("--val-data", type=click.Path(path_type=Path), default=None,
+                     help="Separate evaluation images (else a held-out part of --data)."),
+        click.option("--k", type=int, default=None, help="Number of diverse solutions (Eq. 4)."),
+        click.option("--random-init", is_flag=True,
+                     help="Allow a teacher with random weights (smoke tests only)."),
+        click.option("--quiet", is_flag=True, help="No progress bars or phase messages."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _make_run(model, data, target, lut, speedup, checkpoint, recipe, work_dir, val_data, k,
+              random_init, quiet):
+    from .pipeline import Run
+    from .recipe import list_recipes
+
+    _setup_logging(quiet)
+    if recipe is None:
+        named = f"{model}-{target}"
+        recipe = named if named in list_recipes() else "default"
+    return Run(model, data, str(lut) if lut else target, speedup, checkpoint=checkpoint,
+               recipe=recipe, work_dir=work_dir, val_data=val_data, random_init=random_init,
+               progress=not quiet, k=k)
+
+
+def _summary(report: dict) -> str:
+    t, s, sp = report["teacher"], report["student"], report["speedup"]
+
+    def f(v, fmt="{:.3f}"):
+        return "n/a" if v is None else fmt.format(v)
+
+    return "\n".join([
+        f"teacher  top1 {f(t['top1'], '{:.1f}')}%  latency predicted "
+        f"{f(t['latency_ms']['predicted'])} ms, measured {f(t['latency_ms']['measured'])} ms",
+        f"student  top1 {f(s['top1'], '{:.1f}')}%  agreement {f(s['agreement'], '{:.1f}')}%  "
+        f"latency predicted {f(s['latency_ms']['predicted'])} ms, measured "
+        f"{f(s['latency_ms']['measured'])} ms",
+        f"speedup  requested {sp['requested']}  predicted {f(sp['predicted'])}  measured "
+        f"{f(sp['measured'])}   (on {report['eval_images']} held-out images)",
+    ])
+
+
+@click.command(name="compress", context_settings={"help_option_names": ["-h", "--help"]})
+@_run_options
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
+              help="Folder to write the compressed model to.")
+@click.option("--push-to-hub", default=None, metavar="ORG/NAME",
+              help="Upload the written folder to the Hugging Face Hub (token from HF_TOKEN).")
+@click.option("--no-onnx", is_flag=True, help="Do not write onnx/model.onnx.")
+@_handle_errors
+def compress_main(model, data, target, lut, speedup, checkpoint, recipe, work_dir, val_data, k,
+                  random_init, quiet, output, push_to_hub, no_onnx):
+    """Compress MODEL (a timm name) to SPEEDUP x its latency on TARGET.
+
+    \b
+    Example:
+      compress tf_efficientnet_lite0 --target cpu --speedup 0.5 \\
+        --data ../shared/data/imagenet-sample --output runs/lite0-cpu-0.5
+    """
+    from .publish import push_to_hub as push
+
+    run = _make_run(model, data, target, lut, speedup, checkpoint, recipe, work_dir, val_data,
+                    k, random_init, quiet)
+    result = run.all()
+    out = result.save_pretrained(output, onnx=not no_onnx)
+    click.echo(_summary(result.report))
+    click.echo(f"wrote {out}")
+    if push_to_hub:
+        url = push(out, push_to_hub)
+        click.echo(f"uploaded to {url}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def hant():
+    """HANT phases one at a time, and inspection of splits, pools, LUTs and reports."""
+
+
+@hant.command("split")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_handle_errors
+def split_cmd(model, as_json):
+    """Show how MODEL is cut into stem, layers and head."""
+    from .split import split
+    from .teacher import load_teacher
+
+    net, name, _ = load_teacher(model, random_init=True)
+    s = split(net, model_name=name)
+    if as_json:
+        click.echo(json.dumps(s.to_dict(), indent=1))
+        return
+    click.echo(f"{name}: {len(s.layers)} layers, input {s.input_size}")
+    for layer in s.layers:
+        click.echo(f"  {layer.index:3d}  {layer.name:28s} {str(layer.in_shape):18s} -> "
+                   f"{layer.out_shape}  ({type(layer.module).__name__})")
+
+
+@hant.group("pool")
+def pool():
+    """The candidate operator pool."""
+
+
+@pool.command("list")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True)
+@_handle_errors
+def pool_list(model, as_json):
+    """Valid candidate ops for every layer of MODEL."""
+    from .split import TEACHER, split
+    from .teacher import load_teacher
+
+    net, name, _ = load_teacher(model, random_init=True)
+    s = split(net, model_name=name)
+    rows = {layer.name: [TEACHER] + ops_pool.valid_ops(layer.in_shape, layer.out_shape)
+            for layer in s.layers}
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for layer_name, ops in rows.items():
+        click.echo(f"{layer_name}: {len(ops)} ops: {', '.join(ops)}")
+
+
+@hant.group("lut")
+def lut():
+    """Latency look-up tables."""
+
+
+@lut.command("targets")
+def lut_targets():
+    """List the target profiles."""
+    for name in latency_luts.list_targets():
+        click.echo(f"{name:10s} {latency_luts.get_target(name).description}")
+
+
+@lut.command("build")
+@click.argument("model")
+@click.option("--target", default="cpu", show_default=True)
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path))
+@click.option("--recipe", default="default", show_default=True)
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None)
+@click.option("--quiet", is_flag=True)
+@_handle_errors
+def lut_build(model, target, output, recipe, checkpoint, quiet):
+    """Measure every candidate op of MODEL on this machine and write a LUT file."""
+    from .latency import layer_latencies
+    from .pipeline import candidate_ops, teacher_key
+    from .recipe import load_recipe
+    from .split import split
+    from .teacher import load_teacher
+
+    _setup_logging(quiet)
+    net, name, _ = load_teacher(model, checkpoint=checkpoint, random_init=True)
+    s = split(net, model_name=name)
+    cands = candidate_ops(s, load_recipe(recipe).pool)
+    key = teacher_key(name, net, s)
+    table = latency_luts.LUT(latency_luts.get_target(target))
+    if output.exists():
+        table = latency_luts.LUT.load(output)
+    layer_latencies(s, key, cands, table, output, progress=not quiet)
+    click.echo(f"wrote {output} ({len(table.entries)} entries)")
+
+
+def _phase_command(name: str, doc: str):
+    @hant.command(name, help=doc)
+    @_run_options
+    @_handle_errors
+    def cmd(model, data, target, lut, speedup, checkpoint, recipe, work_dir, val_data, k,
+            random_init, quiet):
+        run = _make_run(model, data, target, lut, speedup, checkpoint, recipe, work_dir,
+                        val_data, k, random_init, quiet)
+        if name == "distill":
+            res = run.distill()
+            failed = [r for r in res.values() if r.status != "ok"]
+            click.echo(f"distilled {len(res)} ops ({len(failed)} failed) in "
+                       f"{run.distill_root}")
+        elif name == "search":
+            run.luts()
+            best = run.search()
+            for r in run.search_rounds:
+                for j, (sol, loss) in enumerate(zip(r["solutions"], r["candidate_losses"])):
+                    mark = "*" if j == r["best"] else " "
+                    click.echo(f"{mark} {j:3d} objective {sol['objective']:.4f} latency "
+                               f"{sol['latency_ms']:.3f} ms  eval loss {loss:.4f}")
+            click.echo("best: " + " ".join(best.choices))
+        else:
+            run.luts()
+            run.finetune()
+            click.echo(_summary(run.report()))
+
+    return cmd
+
+
+_phase_command("distill", "Phase 1: distill every candidate op (resumable).")
+_phase_command("search", "Phase 2: K diverse solutions of Eq. 4 and candidate evaluation.")
+_phase_command("finetune", "Search, then finetune the best architecture and evaluate it.")
+
+
+@hant.command("report")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@_handle_errors
+def report_cmd(folder, as_json):
+    """Summarise the report.json of a compressed model folder."""
+    path = folder / "report.json"
+    if not path.is_file():
+        raise CompressorError(f"{folder} has no report.json; is it a folder written by compress?")
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CompressorError(f"{path} is corrupt: {e}") from e
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+    click.echo(_summary(report))
+    click.echo("choices: " + " ".join(report["student"]["choices"]))
+    for phase, rec in report.get("phases", {}).items():
+        click.echo(f"  {phase:10s} {rec.get('seconds', 0):8.1f} s")

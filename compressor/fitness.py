@@ -1,0 +1,101 @@
+"""Fitness a_ij (HANT section 3, "Target Hardware"): the change in the teacher's loss when op j
+alone replaces teacher layer i, measured on the search images. Cross-entropy where the images
+have labels, otherwise KL divergence to the teacher's predictions."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Images
+from .distill import teacher_activations
+from .split import TEACHER, Split
+
+__all__ = ["Fitness", "fitness", "task_loss"]
+
+
+def task_loss(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Per-image loss: CE to the label where there is one, else KL(teacher || model)."""
+    labelled = y >= 0
+    ce = F.cross_entropy(logits, y.clamp(min=0), reduction="none")
+    kl = F.kl_div(
+        F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
+        reduction="none",
+    ).sum(-1)
+    return torch.where(labelled, ce, kl)
+
+
+def _correct(logits, y, teacher_logits) -> torch.Tensor:
+    target = torch.where(y >= 0, y, teacher_logits.argmax(-1))
+    return (logits.argmax(-1) == target).float()
+
+
+@dataclass
+class Fitness:
+    """a[i][op] = loss change, acc_drop[i][op] = accuracy drop in points (teacher = 0)."""
+
+    teacher_loss: float
+    teacher_acc: float
+    images: int
+    a: list[dict[str, float]] = field(default_factory=list)
+    acc_drop: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"teacher_loss": self.teacher_loss, "teacher_acc": self.teacher_acc,
+                "images": self.images, "a": self.a, "acc_drop": self.acc_drop}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Fitness:
+        return cls(**d)
+
+
+@torch.no_grad()
+def fitness(
+    split: Split,
+    ops: dict[int, dict[str, nn.Module]],
+    images: Images,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> Fitness:
+    """Score every distilled op (`ops[i][name]`, eval mode) plugged alone into the teacher."""
+    from tqdm import tqdm
+
+    n = len(images)
+    loss_sum = [{name: 0.0 for name in ops[i]} for i in range(len(split.layers))]
+    corr_sum = [{name: 0.0 for name in ops[i]} for i in range(len(split.layers))]
+    t_loss = t_corr = 0.0
+    for m in (d for layer in ops.values() for d in layer.values()):
+        m.eval()
+    total = sum(len(v) for v in ops.values()) * math.ceil(n / batch_size)
+    bar = tqdm(total=total, desc="fitness", unit="op-batch", disable=not progress)
+    for s in range(0, n, batch_size):
+        x, y = images.x[s : s + batch_size], images.y[s : s + batch_size]
+        acts = teacher_activations(split, x)
+        t_logits = split.head(acts[-1])
+        t_loss += float(task_loss(t_logits, y, t_logits).sum())
+        t_corr += float(_correct(t_logits, y, t_logits).sum())
+        for i, layer_ops in ops.items():
+            for name, m in layer_ops.items():
+                bar.update(1)
+                if name == TEACHER:
+                    continue
+                h = m(acts[i])
+                for layer in split.layers[i + 1 :]:
+                    h = layer.module(h)
+                logits = split.head(h)
+                loss_sum[i][name] += float(task_loss(logits, y, t_logits).sum())
+                corr_sum[i][name] += float(_correct(logits, y, t_logits).sum())
+    bar.close()
+    t_loss /= n
+    t_acc = 100.0 * t_corr / n
+    a, drop = [], []
+    for i in range(len(split.layers)):
+        a.append({k: (0.0 if k == TEACHER else v / n - t_loss) for k, v in loss_sum[i].items()})
+        drop.append(
+            {k: (0.0 if k == TEACHER else t_acc - 100.0 * v / n) for k, v in corr_sum[i].items()}
+        )
+    return Fitness(t_loss, t_acc, n, a, drop)

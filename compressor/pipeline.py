@@ -1,0 +1,504 @@
+"""The whole pipeline as one object whose phases run in order, each cached in the work dir.
+
+``compress()`` runs every phase; the ``hant`` CLI runs them one at a time on the same object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import latency_luts
+import ops_pool
+
+from ._errors import CompressorError, InfeasibleError
+from .data import Images, load_images, scan_images, split_indices
+from .distill import OpResult, distill, load_op
+from .evaluate import evaluate, mean_loss, predict
+from .finetune import finetune
+from .fitness import Fitness, fitness
+from .latency import layer_latencies, measure_model, resolve_target
+from .recipe import PoolCfg, Recipe, load_recipe
+from .search import Solution, min_latency, solve
+from .split import TEACHER, Split, split
+from .store import Store, default_work_dir, digest, tensor_digest
+from .teacher import load_teacher
+
+__all__ = ["Run", "Result", "compress", "check_speedup", "candidate_ops", "teacher_key"]
+
+_logger = logging.getLogger(__name__)
+
+
+def check_speedup(speedup: float) -> float:
+    try:
+        s = float(speedup)
+    except (TypeError, ValueError):
+        raise CompressorError(f"--speedup must be a number in (0, 1), got {speedup!r}") from None
+    if not 0.0 < s < 1.0:
+        raise CompressorError(
+            f"--speedup must be in (0, 1) (student latency / teacher latency; 0.5 = twice as "
+            f"fast), got {s}"
+        )
+    return s
+
+
+@dataclass
+class Result:
+    """What `compress` returns: the student, its report, and how to write it out."""
+
+    model: nn.Module
+    report: dict
+    teacher_name: str
+    teacher_args: dict = field(default_factory=dict)
+    input_size: tuple = (3, 224, 224)
+
+    def save_pretrained(self, out_dir, onnx: bool = True) -> Path:
+        from .publish import save_pretrained
+
+        return save_pretrained(
+            self.model, out_dir, teacher_name=self.teacher_name, teacher_args=self.teacher_args,
+            choices=self.report["student"]["choices"], input_size=self.input_size,
+            report=self.report, onnx=onnx,
+        )
+
+    def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = False,
+                    api=None) -> str:
+        import tempfile
+
+        from .publish import push_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model")
+            return push_to_hub(folder, repo_id, token=token, private=private, api=api)
+
+
+def teacher_key(name: str, teacher: nn.Module, s: Split) -> str:
+    """Cache key of a teacher: its name, weights and split."""
+    return digest(name, tensor_digest(sorted(teacher.state_dict().items())), s.to_dict())
+
+
+def candidate_ops(s: Split, cfg: PoolCfg) -> dict[int, list[str]]:
+    """Per layer: ``teacher`` and the pool ops that fit its shapes and the recipe's filters."""
+    out: dict[int, list[str]] = {}
+    for i, layer in enumerate(s.layers):
+        names = [TEACHER]
+        for op in ops_pool.valid_ops(layer.in_shape, layer.out_shape):
+            if not any(fnmatch.fnmatchcase(op, p) for p in cfg.include):
+                continue
+            if any(fnmatch.fnmatchcase(op, p) for p in cfg.exclude):
+                continue
+            names.append(op)
+        out[i] = names
+    return out
+
+
+class Run:
+    """One compression run. Phases: split, lut, distill, fitness, search, finetune, evaluate.
+
+    Example:
+        >>> run = Run("test_efficientnet", data="imgs/", target="cpu", speedup=0.5,
+        ...           random_init=True)  # doctest: +SKIP
+        >>> result = run.all()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        data: str | Path,
+        target: str = "cpu",
+        speedup: float = 0.5,
+        *,
+        checkpoint: str | Path | None = None,
+        recipe: str | Recipe = "default",
+        work_dir: str | Path | None = None,
+        val_data: str | Path | None = None,
+        random_init: bool = False,
+        input_size=None,
+        progress: bool = True,
+        k: int | None = None,
+    ):
+        # cheap checks first, so a bad input fails before any work
+        self.speedup = check_speedup(speedup)
+        self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        if k is not None:
+            self.recipe = self.recipe.override("search", k=int(k))
+        self.store = Store(work_dir or default_work_dir())
+        self.lut, self.lut_path = resolve_target(target, self.store)
+        self.data_set = scan_images(data)
+        self.val_set = scan_images(val_data) if val_data is not None else None
+        self.teacher, self.teacher_name, self.teacher_args = load_teacher(
+            model, checkpoint=checkpoint, random_init=random_init
+        )
+        self.input_size = input_size
+        self.progress = progress
+        self.phases: dict[str, dict] = {}
+        self._split: Split | None = None
+        self.notes: list[str] = []
+
+    # ---------------------------------------------------------------- helpers
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        t0 = time.perf_counter()
+        _logger.info("phase %s ...", name)
+        rec = self.phases.setdefault(name, {})
+        yield rec
+        rec["seconds"] = round(time.perf_counter() - t0, 3)
+
+    # ---------------------------------------------------------------- phases
+    def split(self) -> Split:
+        if self._split is not None:
+            return self._split
+        with self._phase("split") as rec:
+            s = split(self.teacher, input_size=self.input_size, model_name=self.teacher_name)
+            self._split = s
+            self.input_size = s.input_size
+            self.teacher_key = teacher_key(self.teacher_name, self.teacher, s)
+            rec["layers"] = len(s.layers)
+            self.candidates = candidate_ops(s, self.recipe.pool)
+            rec["candidates"] = sum(len(v) for v in self.candidates.values())
+        return s
+
+    def _images(self):
+        if hasattr(self, "parts"):
+            return self.parts
+        from timm.data import create_transform, resolve_data_config
+
+        s = self.split()
+        with self._phase("data") as rec:
+            cfg = resolve_data_config({"input_size": tuple(s.input_size)}, model=self.teacher)
+            transform = create_transform(**cfg, is_training=False)
+            self.data_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+            imgs = load_images(self.data_set, transform, self.progress)
+            d = self.recipe.data
+            skipped = list(imgs.skipped)
+            if self.val_set is None:
+                idx = split_indices(len(imgs), d.distill_fraction, d.search_fraction, d.seed)
+                parts = {k: imgs.subset(v) for k, v in idx.items()}
+            else:
+                idx = split_indices(len(imgs), d.distill_fraction, d.search_fraction, d.seed,
+                                    holdout=False)
+                parts = {k: imgs.subset(v) for k, v in idx.items()}
+                val = load_images(self.val_set, transform, self.progress)
+                skipped += val.skipped
+                parts["eval"] = val
+            self.parts = parts
+            self.skipped = skipped
+            self.data_fp = {
+                k: (self.val_set if (k == "eval" and self.val_set) else self.data_set).fingerprint(
+                    [parts[k].source[j] for j in range(len(parts[k]))]
+                )
+                for k in parts
+            }
+            rec.update({k: len(v) for k, v in parts.items()}, skipped=len(skipped))
+        return parts
+
+    def luts(self):
+        """b_ij for every candidate, stem and head; checks the speedup is reachable."""
+        s = self.split()
+        with self._phase("lut") as rec:
+            n_before = len(self.lut.entries)
+            self.b, self.stem_ms, self.head_ms = layer_latencies(
+                s, self.teacher_key, self.candidates, self.lut, self.lut_path, self.progress
+            )
+            rec["measured_entries"] = len(self.lut.entries) - n_before
+            rec["cached"] = rec["measured_entries"] == 0
+            self.teacher_pred = self.stem_ms + self.head_ms + sum(b[TEACHER] for b in self.b)
+            self.min_pred = self.stem_ms + self.head_ms + min_latency(self.b)
+            rec["min_speedup"] = round(self.min_pred / self.teacher_pred, 4)
+        if self.speedup * self.teacher_pred < self.min_pred:
+            raise InfeasibleError(
+                f"speedup {self.speedup} is out of reach for {self.teacher_name} on target "
+                f"'{self.lut.target.name}': even the fastest op in every layer (identity where "
+                f"the shapes allow) gives {self.min_pred / self.teacher_pred:.3f}; ask for a "
+                f"speedup of at least {self.min_pred / self.teacher_pred:.3f}"
+            )
+        return self.b
+
+    def distill(self) -> dict[tuple[int, str], OpResult]:
+        s = self.split()
+        parts = self._images()
+        cfg = self.recipe.distill
+        key = digest(cfg.__dict__, self.data_fp["distill"], self.data_cfg)
+        self.distill_root = self.store.path(self.teacher_key, "distill", key)
+        with self._phase("distill") as rec:
+            todo = sum(len(v) - 1 for v in self.candidates.values())
+            self.distilled = distill(
+                s, self.candidates, parts["distill"], cfg, self.store, self.distill_root,
+                self.progress,
+            )
+            failed = [r.to_dict() for r in self.distilled.values() if r.status != "ok"]
+            rec.update(ops=todo, failed=len(failed))
+            self.failed_ops = failed
+        return self.distilled
+
+    def _ops(self, names: dict[int, list[str]]) -> dict[int, dict[str, nn.Module]]:
+        s = self.split()
+        return {
+            i: {op: load_op(s, self.store, self.distill_root, i, op).eval() for op in ops}
+            for i, ops in names.items()
+        }
+
+    def fitness(self) -> Fitness:
+        s = self.split()
+        parts = self._images()
+        if not hasattr(self, "distilled"):
+            self.distill()
+        ok = {
+            i: [op for op in ops if op == TEACHER or self.distilled[(i, op)].status == "ok"]
+            for i, ops in self.candidates.items()
+        }
+        key = digest(self.distill_root.name, self.data_fp["search"], ok)
+        path = self.store.path(self.teacher_key, "fitness", f"{key}.json")
+        with self._phase("fitness") as rec:
+            if path.exists():
+                self.fit = Fitness.from_dict(self.store.read_json(path))
+                rec["cached"] = True
+            else:
+                self.fit = fitness(s, self._ops(ok), parts["search"],
+                                   self.recipe.data.batch_size, self.progress)
+                self.store.write_json(path, self.fit.to_dict())
+                rec["cached"] = False
+            rec["images"] = self.fit.images
+        return self.fit
+
+    def _prefilter(self):
+        """HANT's prefilter: drop ops slower than the teacher's layer or losing more than
+        `max_accuracy_drop` points. The accuracy part is skipped (and reported) if it would make
+        the requested budget infeasible."""
+        fit = self.fit
+        by_latency = [
+            {op: a for op, a in fit.a[i].items() if self.b[i][op] <= self.b[i][TEACHER]}
+            for i in range(len(fit.a))
+        ]
+        limit = self.recipe.fitness.max_accuracy_drop
+        by_acc = [
+            {op: a for op, a in layer.items() if fit.acc_drop[i][op] <= limit}
+            for i, layer in enumerate(by_latency)
+        ]
+        budget = self.speedup * self.teacher_pred - self.stem_ms - self.head_ms
+        bsub = [{op: self.b[i][op] for op in layer} for i, layer in enumerate(by_acc)]
+        info = {
+            "candidates": sum(len(x) for x in fit.a),
+            "removed_slower_than_teacher": sum(len(x) for x in fit.a)
+            - sum(len(x) for x in by_latency),
+            "removed_accuracy_drop": sum(len(x) for x in by_latency)
+            - sum(len(x) for x in by_acc),
+            "accuracy_filter_applied": True,
+        }
+        keep = by_acc
+        if min_latency(bsub) > budget:
+            keep = by_latency
+            info["accuracy_filter_applied"] = False
+            info["removed_accuracy_drop"] = 0
+            note = (f"accuracy prefilter (>{limit} points) skipped: it would leave no "
+                    "architecture within the budget")
+            self.notes.append(note)
+            _logger.warning(note)
+        info["kept"] = sum(len(x) for x in keep)
+        return keep, info
+
+    def search(self) -> Solution:
+        self.split()
+        parts = self._images()
+        if not hasattr(self, "b"):
+            self.luts()
+        if not hasattr(self, "fit"):
+            self.fitness()
+        cfg = self.recipe.search
+        with self._phase("search") as rec:
+            a, pre = self._prefilter()
+            b = [{op: self.b[i][op] for op in layer} for i, layer in enumerate(a)]
+            n_eval = min(self.recipe.data.candidate_eval_images, len(parts["search"]))
+            cand = parts["search"].subset(range(n_eval))
+            t_logits = predict(self.teacher, cand.x)
+            budget = self.speedup * self.teacher_pred - self.stem_ms - self.head_ms
+            rounds = []
+            best = None
+            for _ in range(max(1, cfg.verify_rounds)):
+                sols = solve(a, b, budget, k=cfg.k, overlap=cfg.overlap, solver=cfg.solver,
+                             time_limit=cfg.time_limit)
+                losses = [self._candidate_loss(sol.choices, cand, t_logits) for sol in sols]
+                j = min(range(len(sols)), key=losses.__getitem__)
+                best = sols[j]
+                pred = self.stem_ms + self.head_ms + best.latency_ms
+                measured = self._measure_student(best.choices)
+                rounds.append({
+                    "budget_ms": budget, "solutions": [x.to_dict() for x in sols],
+                    "candidate_losses": losses, "best": j, "predicted_ms": pred,
+                    "measured_ms": measured,
+                })
+                if measured is None or self.teacher_measured is None:
+                    break
+                got = measured / self.teacher_measured
+                if got <= self.speedup + cfg.tolerance:
+                    break
+                budget *= self.speedup / got  # tighten towards the measured ratio
+                if budget < min_latency(b):
+                    self.notes.append("measured speedup missed the request and the budget "
+                                      "cannot be tightened further")
+                    break
+                _logger.info("measured speedup %.3f misses %.3f; tightening the budget",
+                             got, self.speedup)
+            rec.update(prefilter=pre, rounds=len(rounds))
+            self.search_rounds = rounds
+            self.best = best
+        return best
+
+    def _candidate_loss(self, choices, images: Images, t_logits) -> float:
+        model = self._assemble(choices).eval()
+        return mean_loss(predict(model, images.x), images, t_logits)
+
+    def _assemble(self, choices) -> nn.Module:
+        s = self.split()
+        weights = {
+            i: load_op(s, self.store, self.distill_root, i, op).state_dict()
+            for i, op in enumerate(choices)
+            if op != TEACHER
+        }
+        return s.assemble(list(choices), weights=weights)
+
+    def _hardware_here(self) -> bool:
+        if self.lut_path is not None:
+            return True
+        here = latency_luts.environment_fingerprint(self.lut.target, {})
+        return self.lut.fingerprint.get("device") == here["device"]
+
+    def _measure_student(self, choices) -> float | None:
+        if not self._hardware_here():
+            self.teacher_measured = None
+            return None
+        if not hasattr(self, "teacher_measured"):
+            self.teacher_measured = measure_model(
+                self.teacher, self.input_size, self.lut.target
+            ).ms
+        return measure_model(self._assemble(choices), self.input_size, self.lut.target).ms
+
+    def finetune(self) -> nn.Module:
+        parts = self._images()
+        if not hasattr(self, "best"):
+            self.search()
+        cfg = self.recipe.finetune
+        choices = self.best.choices
+        key = digest(self.distill_root.name, choices, cfg.__dict__, self.data_fp["distill"])
+        path = self.store.path(self.teacher_key, "finetune", f"{key}.safetensors")
+        student = self._assemble(choices)
+        with self._phase("finetune") as rec:
+            if path.exists():
+                student.load_state_dict(self.store.load_tensors(path))
+                rec["cached"] = True
+            else:
+                rec.update(finetune(student, self.teacher, parts["distill"], cfg, self.progress,
+                                    seed=self.recipe.data.seed))
+                self.store.save_tensors(path, student.state_dict())
+                rec["cached"] = False
+        self.student = student.eval()
+        return self.student
+
+    def evaluate(self) -> dict:
+        parts = self._images()
+        if not hasattr(self, "student"):
+            self.finetune()
+        ev = parts["eval"]
+        with self._phase("evaluate"):
+            t_logits = predict(self.teacher, ev.x)
+            s_logits = predict(self.student, ev.x)
+            self.eval_teacher = evaluate(t_logits, ev)
+            self.eval_student = evaluate(s_logits, ev, t_logits)
+        return self.eval_student
+
+    def report(self) -> dict:
+        if not hasattr(self, "eval_student"):
+            self.evaluate()
+        s = self.split()
+        best = self.best
+        last = self.search_rounds[-1]
+        s_pred = self.stem_ms + self.head_ms + best.latency_ms
+        s_meas = last["measured_ms"]
+        t_meas = getattr(self, "teacher_measured", None)
+        return {
+            "teacher_name": self.teacher_name,
+            "target": self.lut.target.to_dict(),
+            "lut_fingerprint": self.lut.fingerprint,
+            "recipe": self.recipe.to_dict(),
+            "layers": [layer.name for layer in s.layers],
+            "teacher": {
+                "latency_ms": {"predicted": self.teacher_pred, "measured": t_meas},
+                "top1": self.eval_teacher["top1"],
+            },
+            "student": {
+                "latency_ms": {"predicted": s_pred, "measured": s_meas},
+                "top1": self.eval_student["top1"],
+                "agreement": self.eval_student.get("agreement"),
+                "choices": list(best.choices),
+                "search_objective": best.objective,
+            },
+            "speedup": {
+                "requested": self.speedup,
+                "predicted": s_pred / self.teacher_pred,
+                "measured": (s_meas / t_meas) if (s_meas and t_meas) else None,
+                "min_reachable": self.min_pred / self.teacher_pred,
+            },
+            "eval_images": len(self.parts["eval"]),
+            "labelled_eval_images": self.eval_student["labelled_images"],
+            "data": {k: len(v) for k, v in self.parts.items()} | {"skipped": len(self.skipped),
+                                                                    "skipped_files":
+                                                                    self.skipped[:20]},
+            "distill": {"failed_ops": self.failed_ops},
+            "search": {"rounds": self.search_rounds},
+            "phases": self.phases,
+            "notes": self.notes,
+        }
+
+    def all(self) -> Result:
+        self.split()
+        self.luts()  # before training: an unreachable speedup fails in seconds
+        self.distill()
+        self.fitness()
+        self.search()
+        self.finetune()
+        report = self.report()
+        return Result(self.student, report, self.teacher_name, self.teacher_args,
+                      tuple(self.input_size))
+
+
+def compress(
+    model: str | nn.Module,
+    data: str | Path,
+    target: str = "cpu",
+    speedup: float = 0.5,
+    *,
+    output: str | Path | None = None,
+    push_to_hub: str | None = None,
+    **kwargs,
+) -> Result:
+    """Compress `model` so that it runs in `speedup` x the teacher's latency on `target`.
+
+    Args:
+        model: a timm model name or your own trained ``nn.Module``.
+        data: a folder of images (ImageFolder with wnid folder names, or flat).
+        target: a target profile name (``latency_luts.list_targets()``) or a LUT file.
+        speedup: student latency / teacher latency, in (0, 1); 0.5 = twice as fast.
+        output: if given, the folder to write (safetensors, config.json, README, ONNX, report).
+        push_to_hub: if given, ``ORG/NAME`` to upload the written model to.
+        **kwargs: see `Run` (checkpoint, recipe, work_dir, val_data, random_init, ...).
+
+    Example:
+        >>> import compressor
+        >>> result = compressor.compress("tf_efficientnet_lite0", data="images/",
+        ...                              target="cpu", speedup=0.5)  # doctest: +SKIP
+        >>> result.save_pretrained("out/")  # doctest: +SKIP
+    """
+    torch.manual_seed(0)
+    result = Run(model, data, target, speedup, **kwargs).all()
+    if output is not None:
+        result.save_pretrained(output)
+    if push_to_hub:
+        result.push_to_hub(push_to_hub)
+    return result

