@@ -227,14 +227,20 @@ class Run:
         cfg = self.recipe.distill
         key = digest(cfg.__dict__, self.data_fp["distill"], self.data_cfg)
         self.distill_root = self.store.path(self.teacher_key, "distill", key)
+        train = self.candidates
+        if hasattr(self, "b"):
+            # HANT's latency prefilter drops ops slower than the teacher's layer; with the LUT
+            # built first, they are never trained
+            train = {i: [op for op in ops if self.b[i][op] <= self.b[i][TEACHER]]
+                     for i, ops in self.candidates.items()}
         with self._phase("distill") as rec:
-            todo = sum(len(v) - 1 for v in self.candidates.values())
+            todo = sum(len(v) - 1 for v in train.values())
             self.distilled = distill(
-                s, self.candidates, parts["distill"], cfg, self.store, self.distill_root,
-                self.progress,
+                s, train, parts["distill"], cfg, self.store, self.distill_root, self.progress
             )
             failed = [r.to_dict() for r in self.distilled.values() if r.status != "ok"]
-            rec.update(ops=todo, failed=len(failed))
+            rec.update(ops=todo, skipped_slower_than_teacher=sum(
+                len(v) for v in self.candidates.values()) - todo - len(train), failed=len(failed))
             self.failed_ops = failed
         return self.distilled
 
@@ -251,7 +257,8 @@ class Run:
         if not hasattr(self, "distilled"):
             self.distill()
         ok = {
-            i: [op for op in ops if op == TEACHER or self.distilled[(i, op)].status == "ok"]
+            i: [op for op in ops if op == TEACHER or (
+                (i, op) in self.distilled and self.distilled[(i, op)].status == "ok")]
             for i, ops in self.candidates.items()
         }
         key = digest(self.distill_root.name, self.data_fp["search"], ok)
@@ -277,6 +284,10 @@ class Run:
             {op: a for op, a in fit.a[i].items() if self.b[i][op] <= self.b[i][TEACHER]}
             for i in range(len(fit.a))
         ]
+        slower = sum(
+            1 for i, ops in self.candidates.items() for op in ops
+            if self.b[i][op] > self.b[i][TEACHER]
+        )
         limit = self.recipe.fitness.max_accuracy_drop
         by_acc = [
             {op: a for op, a in layer.items() if fit.acc_drop[i][op] <= limit}
@@ -285,9 +296,9 @@ class Run:
         budget = self.speedup * self.teacher_pred - self.stem_ms - self.head_ms
         bsub = [{op: self.b[i][op] for op in layer} for i, layer in enumerate(by_acc)]
         info = {
-            "candidates": sum(len(x) for x in fit.a),
-            "removed_slower_than_teacher": sum(len(x) for x in fit.a)
-            - sum(len(x) for x in by_latency),
+            "candidates": sum(len(x) for x in self.candidates.values()),
+            "removed_slower_than_teacher": slower,
+            "removed_failed_distillation": len(self.failed_ops),
             "removed_accuracy_drop": sum(len(x) for x in by_latency)
             - sum(len(x) for x in by_acc),
             "accuracy_filter_applied": True,

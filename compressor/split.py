@@ -95,7 +95,8 @@ def _call_order(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, int]
         for i in range(1, len(parts) + 1):
             entry.setdefault(".".join(parts[:i]), len(entry))
     out_shape = tuple(output.shape[1:]) if torch.is_tensor(output) else None
-    return {k: entry[k] for k in order}, {"shapes": shapes, "calls": calls, "output": out_shape}
+    # ancestors of called modules are included (a container may be indexed, not called)
+    return entry, {"shapes": shapes, "calls": calls, "output": out_shape}
 
 
 def _units(model: nn.Module, order: dict[str, int]) -> list[tuple[str, bool]]:

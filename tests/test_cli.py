@@ -1,0 +1,67 @@
+"""Bad inputs: one clear line, exit code 2, nothing written."""
+
+import pytest
+from click.testing import CliRunner
+
+from compressor.cli import compress_main, hant
+
+
+def _run(args, tmp_path):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(compress_main, [*args, "--output", str(out), "--quiet",
+                                             "--work-dir", str(tmp_path / "work")])
+    return res, out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["efficientnet_b99", "--speedup", "0.5"], "unknown model 'efficientnet_b99'"),
+        (["test_efficientnet", "--speedup", "1.5", "--random-init"], "must be in (0, 1)"),
+        (["test_efficientnet", "--speedup", "0", "--random-init"], "must be in (0, 1)"),
+        (["test_efficientnet", "--speedup", "abc", "--random-init"], "must be a number"),
+        (["test_efficientnet", "--random-init", "--target", "tpu"], "unknown target 'tpu'"),
+        (["resnet50"], "no weights for 'resnet50'"),
+    ],
+)
+def test_bad_arguments(args, message, images, tmp_path):
+    res, out = _run([*args, "--data", str(images)], tmp_path)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_bad_data(tmp_path):
+    res, out = _run(["test_efficientnet", "--random-init", "--data", str(tmp_path / "nope")],
+                    tmp_path)
+    assert res.exit_code == 2 and "does not exist" in res.output and not out.exists()
+    (tmp_path / "empty").mkdir()
+    res, out = _run(["test_efficientnet", "--random-init", "--data", str(tmp_path / "empty")],
+                    tmp_path)
+    assert res.exit_code == 2 and "holds no images" in res.output and not out.exists()
+
+
+def test_corrupt_lut(images, tmp_path):
+    lut = tmp_path / "lut.json"
+    lut.write_text("{ not json")
+    res, out = _run(["test_efficientnet", "--random-init", "--data", str(images),
+                     "--lut", str(lut)], tmp_path)
+    assert res.exit_code == 2 and "corrupt" in res.output and not out.exists()
+
+
+def test_speedup_below_reachable_minimum(images, tmp_path):
+    res, out = _run(["test_efficientnet", "--random-init", "--data", str(images),
+                     "--speedup", "0.01"], tmp_path)
+    assert res.exit_code == 2, res.output
+    assert "ask for a speedup of at least" in res.output
+    assert not out.exists()
+
+
+def test_split_and_pool_commands():
+    res = CliRunner().invoke(hant, ["split", "test_resnet"])
+    assert res.exit_code == 0 and "layer1.0" in res.output
+    res = CliRunner().invoke(hant, ["pool", "list", "test_resnet", "--json"])
+    assert res.exit_code == 0 and '"layer1.0"' in res.output
+    res = CliRunner().invoke(hant, ["lut", "targets"])
+    assert res.exit_code == 0 and "cpu" in res.output

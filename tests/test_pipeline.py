@@ -1,0 +1,124 @@
+"""The pipeline from Python on a user's own module (a timm test model, random weights) and
+synthetic images; the output folder round trip through timm; artifact reuse and resume."""
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+
+import compressor
+from compressor import distill as distill_mod
+
+
+@pytest.fixture(scope="module")
+def run_result(tmp_path_factory):
+    from .conftest import make_images
+
+    from compressor.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("pipe")
+    data = make_images(root / "images", 40)
+    recipe = load_recipe("default")
+    recipe = recipe.override("pool", include=["identity", "efn_3x3_e1_se1.00",
+                                              "cb_bottle_3x3_ex0.125"])
+    recipe = recipe.override("distill", epochs=1, batch_size=8, group_size=1)
+    recipe = recipe.override("search", k=4)
+    recipe = recipe.override("finetune", epochs=1, batch_size=8)
+    recipe = recipe.override("data", candidate_eval_images=8, batch_size=8)
+    torch.manual_seed(0)
+    teacher = timm.create_model("test_efficientnet").eval()
+    kwargs = dict(recipe=recipe, work_dir=root / "work", progress=False)
+    result = compressor.compress(teacher, data, "cpu", 0.6, **kwargs)
+    return {"root": root, "data": data, "teacher": teacher, "kwargs": kwargs,
+            "result": result}
+
+
+def test_report_fields(run_result):
+    r = run_result["result"].report
+    for key in ("predicted", "measured"):
+        assert r["teacher"]["latency_ms"][key] > 0
+        assert r["student"]["latency_ms"][key] > 0
+    assert r["speedup"]["requested"] == 0.6
+    assert r["speedup"]["predicted"] <= 0.6 + 1e-9
+    assert r["speedup"]["measured"] == pytest.approx(
+        r["student"]["latency_ms"]["measured"] / r["teacher"]["latency_ms"]["measured"])
+    assert r["eval_images"] == 10 and r["data"] == {"distill": 24, "search": 6, "eval": 10,
+                                                    "skipped": 0, "skipped_files": []}
+    assert 0 <= r["student"]["agreement"] <= 100
+    assert 0 <= r["teacher"]["top1"] <= 100
+    assert len(r["student"]["choices"]) == len(r["layers"])
+    for phase in ("split", "lut", "distill", "fitness", "search", "finetune", "evaluate"):
+        assert r["phases"][phase]["seconds"] >= 0
+    assert r["search"]["rounds"][0]["solutions"]
+
+
+def test_save_and_load_round_trip(run_result, tmp_path):
+    result = run_result["result"]
+    out = result.save_pretrained(tmp_path / "out")
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"model.safetensors", "config.json", "README.md", "onnx/model.onnx",
+            "report.json"} <= names
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architecture"] == "hant_transformed"
+    x = torch.randn(2, *result.input_size)
+    with torch.no_grad():
+        ref = result.model.eval()(x)
+        # the teacher here is a module timm knows by its pretrained_cfg architecture
+        via_timm = timm.create_model(f"local-dir:{out}", pretrained=True).eval()(x)
+        via_load = compressor.load(out)(x)
+    assert torch.allclose(ref, via_timm, atol=1e-5)
+    assert torch.allclose(ref, via_load, atol=1e-5)
+    sess = ort.InferenceSession(str(out / "onnx" / "model.onnx"))
+    (y,) = sess.run(None, {"pixel_values": x.numpy()})
+    assert np.allclose(y, ref.numpy(), atol=1e-4)
+    card = (out / "README.md").read_text()
+    assert "hant_transformed" not in card or "timm.create_model" in card
+    assert f"{result.report['eval_images']} held-out images" in card
+
+
+def test_second_run_reuses_artifacts(run_result):
+    d = run_result
+    result = compressor.compress(d["teacher"], d["data"], "cpu", 0.6, **d["kwargs"])
+    ph = result.report["phases"]
+    assert ph["lut"]["cached"] and ph["fitness"]["cached"] and ph["finetune"]["cached"]
+    assert ph["distill"]["seconds"] < 2.0
+    assert result.report["student"]["choices"] == d["result"].report["student"]["choices"]
+
+
+def test_interrupted_distillation_resumes(run_result, monkeypatch):
+    d = run_result
+    work = d["root"] / "work2"
+    shutil.rmtree(work, ignore_errors=True)
+    kwargs = dict(d["kwargs"], work_dir=work)
+    real = distill_mod._train_group
+    calls = {"n": 0}
+
+    def interrupt_after_first(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(distill_mod, "_train_group", interrupt_after_first)
+    run = compressor.Run(d["teacher"], d["data"], "cpu", 0.6, **kwargs)
+    run.luts()
+    with pytest.raises(KeyboardInterrupt):
+        run.distill()
+    saved = list(work.rglob("distill/*/*/*.json"))
+    assert saved  # the first group is on disk
+    trained = []
+
+    def record(split, group, *args, **kw):
+        trained.extend(group)
+        return real(split, group, *args, **kw)
+
+    monkeypatch.setattr(distill_mod, "_train_group", record)
+    run2 = compressor.Run(d["teacher"], d["data"], "cpu", 0.6, **kwargs)
+    run2.luts()
+    res = run2.distill()
+    assert len(trained) == len(res) - len(saved)  # only what was missing was trained
+    assert not list(work.rglob("*.tmp"))  # no half-written artifact
