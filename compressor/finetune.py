@@ -80,7 +80,7 @@ def finetune(
             optimizer.step()
             step += 1
             scheduler.step_update(num_updates=step)
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
             bar.update(1)
         last = total / n
         scheduler.step(epoch + 1)

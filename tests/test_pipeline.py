@@ -16,9 +16,9 @@ from compressor import distill as distill_mod
 
 @pytest.fixture(scope="module")
 def run_result(tmp_path_factory):
-    from .conftest import make_images
-
     from compressor.recipe import load_recipe
+
+    from .conftest import make_images
 
     root = tmp_path_factory.mktemp("pipe")
     data = make_images(root / "images", 40)
