@@ -128,6 +128,16 @@ def _layer_scales(split: Split, x: torch.Tensor) -> list[float]:
     return [max(float(a.pow(2).mean()), 1e-6) for a in acts[1:]]
 
 
+def _optimizer(cfg: DistillCfg, params) -> torch.optim.Optimizer:
+    """SGD without weight decay (the paper's choice), or Adam for small calibration sets where
+    only a few hundred steps are possible."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=0.0)
+    raise ValueError(f"distill.optimizer must be sgd or adam, got {cfg.optimizer!r}")
+
+
 def _train_group(split, group, images: Images, cfg: DistillCfg, bs, scale, bar):
     ops: dict[tuple[int, str], nn.Module] = {}
     opts: dict[tuple[int, str], torch.optim.Optimizer | None] = {}
@@ -135,11 +145,7 @@ def _train_group(split, group, images: Images, cfg: DistillCfg, bs, scale, bar):
         m = split.build_op(i, op).train()
         ops[(i, op)] = m
         params = [p for p in m.parameters() if p.requires_grad]
-        opts[(i, op)] = (
-            torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
-            if params
-            else None
-        )
+        opts[(i, op)] = _optimizer(cfg, params) if params else None
     failed: dict[tuple[int, str], str] = {}
     sums = dict.fromkeys(ops, 0.0)
     counts = dict.fromkeys(ops, 0)

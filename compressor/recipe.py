@@ -156,6 +156,8 @@ def load_recipe(name_or_path: str = "default") -> Recipe:
         chain.append(_read(base)[1])
     recipe = Recipe(name=name)
     for layer in reversed(chain):
+        if not isinstance(layer, dict):
+            raise RecipeError(f"recipe {name_or_path} must be a mapping of sections")
         for section, values in layer.items():
             if section == "base":
                 continue
@@ -168,4 +170,19 @@ def load_recipe(name_or_path: str = "default") -> Recipe:
                 recipe = recipe.override(section, **(values or {}))
             except TypeError as e:
                 raise RecipeError(f"recipe {name_or_path}, section '{section}': {e}") from e
+    _validate(recipe, name_or_path)
     return recipe
+
+
+_CHOICES = {("distill", "optimizer"): ("sgd", "adam"), ("distill", "loss"): ("mse",)}
+
+
+def _validate(recipe: Recipe, source: str) -> None:
+    for (section, key), allowed in _CHOICES.items():
+        value = getattr(getattr(recipe, section), key)
+        if value not in allowed:
+            raise RecipeError(
+                f"recipe {source}: {section}.{key} is {value!r}; choose one of {', '.join(allowed)}"
+            )
+    if not 0 < recipe.search.overlap <= 1:
+        raise RecipeError(f"recipe {source}: search.overlap must be in (0, 1]")
