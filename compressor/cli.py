@@ -215,7 +215,7 @@ def lut_targets():
 def lut_build(model, target, output, recipe, checkpoint, quiet):
     """Measure every candidate op of MODEL on this machine and write a LUT file."""
     from .latency import layer_latencies
-    from .pipeline import candidate_ops, teacher_key
+    from .pipeline import arch_key, candidate_ops
     from .recipe import load_recipe
     from .split import split
     from .teacher import load_teacher
@@ -224,7 +224,7 @@ def lut_build(model, target, output, recipe, checkpoint, quiet):
     net, name, _ = load_teacher(model, checkpoint=checkpoint, random_init=True)
     s = split(net, model_name=name)
     cands = candidate_ops(s, load_recipe(recipe).pool)
-    key = teacher_key(name, net, s)
+    key = arch_key(name, net, s)
     table = latency_luts.LUT(latency_luts.get_target(target))
     if output.exists():
         table = latency_luts.LUT.load(output)

@@ -34,10 +34,10 @@ def resolve_target(target: str | Target, store: Store) -> tuple[LUT, Path | None
     return lut, path
 
 
-def op_key(split: Split, teacher_key: str, index: int, op: str) -> str:
+def op_key(split: Split, arch_key: str, index: int, op: str) -> str:
     """LUT op name: pool ops are shared across teachers; teacher layers and stem/head are not."""
     if op == TEACHER:
-        return f"teacher@{teacher_key}/{split.layers[index].name}"
+        return f"teacher@{arch_key}/{split.layers[index].name}"
     return op
 
 
@@ -47,7 +47,7 @@ def measure_model(model: nn.Module, input_size, target: Target) -> latency_luts.
 
 def layer_latencies(
     split: Split,
-    teacher_key: str,
+    arch_key: str,
     candidates: dict[int, list[str]],
     lut: LUT,
     lut_path: Path | None,
@@ -58,12 +58,12 @@ def layer_latencies(
 
     stem_out = split.layers[0].in_shape
     head_in = split.layers[-1].out_shape
-    items = [(f"stem@{teacher_key}", split.input_size, stem_out, lambda: split.stem)]
-    items.append((f"head@{teacher_key}", head_in, split.output_shape, lambda: split.head))
+    items = [(f"stem@{arch_key}", split.input_size, stem_out, lambda: split.stem)]
+    items.append((f"head@{arch_key}", head_in, split.output_shape, lambda: split.head))
     for i, ops in candidates.items():
         layer = split.layers[i]
         for op in ops:
-            items.append((op_key(split, teacher_key, i, op), layer.in_shape, layer.out_shape,
+            items.append((op_key(split, arch_key, i, op), layer.in_shape, layer.out_shape,
                           (lambda i=i, op=op: split.build_op(i, op))))
     missing = [it for it in items if (it[0], it[1], it[2]) not in lut]
     if missing:
@@ -90,5 +90,5 @@ def layer_latencies(
     for i, ops in candidates.items():
         layer = split.layers[i]
         for op in ops:
-            b[i][op] = lut.get(op_key(split, teacher_key, i, op), layer.in_shape, layer.out_shape)
+            b[i][op] = lut.get(op_key(split, arch_key, i, op), layer.in_shape, layer.out_shape)
     return b, stem_ms, head_ms

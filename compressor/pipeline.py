@@ -31,7 +31,8 @@ from .split import TEACHER, Split, split
 from .store import Store, default_work_dir, digest, tensor_digest
 from .teacher import load_teacher
 
-__all__ = ["Run", "Result", "compress", "check_speedup", "candidate_ops", "teacher_key"]
+__all__ = ["Run", "Result", "compress", "check_speedup", "candidate_ops", "teacher_key",
+           "arch_key"]
 
 _logger = logging.getLogger(__name__)
 
@@ -82,6 +83,11 @@ class Result:
 def teacher_key(name: str, teacher: nn.Module, s: Split) -> str:
     """Cache key of a teacher: its name, weights and split."""
     return digest(name, tensor_digest(sorted(teacher.state_dict().items())), s.to_dict())
+
+
+def arch_key(name: str, teacher: nn.Module, s: Split) -> str:
+    """Key of a teacher's architecture (its latency does not depend on its weights)."""
+    return digest(name, s.to_dict(), repr(teacher))
 
 
 def candidate_ops(s: Split, cfg: PoolCfg) -> dict[int, list[str]]:
@@ -160,6 +166,7 @@ class Run:
             self._split = s
             self.input_size = s.input_size
             self.teacher_key = teacher_key(self.teacher_name, self.teacher, s)
+            self.arch_key = arch_key(self.teacher_name, self.teacher, s)
             rec["layers"] = len(s.layers)
             self.candidates = candidate_ops(s, self.recipe.pool)
             rec["candidates"] = sum(len(v) for v in self.candidates.values())
@@ -205,7 +212,7 @@ class Run:
         with self._phase("lut") as rec:
             n_before = len(self.lut.entries)
             self.b, self.stem_ms, self.head_ms = layer_latencies(
-                s, self.teacher_key, self.candidates, self.lut, self.lut_path, self.progress
+                s, self.arch_key, self.candidates, self.lut, self.lut_path, self.progress
             )
             rec["measured_entries"] = len(self.lut.entries) - n_before
             rec["cached"] = rec["measured_entries"] == 0

@@ -65,3 +65,20 @@ def test_split_and_pool_commands():
     assert res.exit_code == 0 and '"layer1.0"' in res.output
     res = CliRunner().invoke(hant, ["lut", "targets"])
     assert res.exit_code == 0 and "cpu" in res.output
+
+
+def test_lut_file_workflow(images, tmp_path):
+    lut = tmp_path / "lut.json"
+    res = CliRunner().invoke(hant, ["lut", "build", "test_resnet", "-o", str(lut), "--quiet"])
+    assert res.exit_code == 0, res.output
+    # a LUT of another model is refused, naming the first missing entry
+    res, out = _run(["test_efficientnet", "--random-init", "--data", str(images),
+                     "--lut", str(lut)], tmp_path)
+    assert res.exit_code == 2 and "has no entry for op" in res.output and not out.exists()
+    # a second build adds nothing: latency does not depend on the (random) weights
+    import json
+
+    before = set(json.loads(lut.read_text())["entries"])
+    res = CliRunner().invoke(hant, ["lut", "build", "test_resnet", "-o", str(lut), "--quiet"])
+    assert res.exit_code == 0 and "wrote" in res.output
+    assert set(json.loads(lut.read_text())["entries"]) == before
