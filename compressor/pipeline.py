@@ -475,6 +475,7 @@ class Run:
         }
 
     def all(self) -> Result:
+        torch.manual_seed(self.recipe.data.seed)
         self.split()
         self.luts()  # before training: an unreachable speedup fails in seconds
         self.distill()
@@ -513,7 +514,6 @@ def compress(
         ...                              target="cpu", speedup=0.5)  # doctest: +SKIP
         >>> result.save_pretrained("out/")  # doctest: +SKIP
     """
-    torch.manual_seed(0)
     result = Run(model, data, target, speedup, **kwargs).all()
     if output is not None:
         result.save_pretrained(output)
