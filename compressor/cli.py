@@ -56,10 +56,11 @@ def _run_options(fn):
         click.argument("model"),
         click.option("--data", required=True, type=click.Path(path_type=Path),
                      help="Folder of images (ImageFolder with wnid folders, or flat)."),
-        click.option("--target", default="cpu", show_default=True,
-                     help="Target profile (`hant lut targets`) or a LUT file."),
+        click.option("--target", default=None,
+                     help="Target profile (`hant lut targets`) or a LUT file [default: cpu]."),
         click.option("--lut", type=click.Path(path_type=Path), default=None,
-                     help="A LUT file built with `hant lut build` (overrides --target)."),
+                     help="A LUT file built with `hant lut build` (with --target: must match "
+                          "its precision and batch)."),
         click.option("--speedup", default="0.5", show_default=True,
                      help="Student latency / teacher latency, in (0, 1); 0.5 = twice as fast."),
         click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
@@ -88,9 +89,9 @@ def _make_run(model, data, target, lut, speedup, checkpoint, recipe, work_dir, v
 
     _setup_logging(quiet)
     if recipe is None:
-        named = f"{model}-{target}"
+        named = f"{model}-{target or 'cpu'}"
         recipe = named if named in list_recipes() else "default"
-    return Run(model, data, str(lut) if lut else target, speedup, checkpoint=checkpoint,
+    return Run(model, data, target, speedup, lut=lut, checkpoint=checkpoint,
                recipe=recipe, work_dir=work_dir, val_data=val_data, random_init=random_init,
                progress=not quiet, k=k)
 
@@ -201,7 +202,12 @@ def lut():
 def lut_targets():
     """List the target profiles."""
     for name in latency_luts.list_targets():
-        click.echo(f"{name:10s} {latency_luts.get_target(name).description}")
+        t = latency_luts.get_target(name)
+        here = ("here" if latency_luts.hardware_present(t)
+                else "estimate" if t.can_estimate else "absent")
+        click.echo(f"{name:8s} {here:8s} {t.description}")
+    for path in latency_luts.list_tables():
+        click.echo(f"shipped LUT: {path}")
 
 
 @lut.command("build")
@@ -210,11 +216,16 @@ def lut_targets():
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path))
 @click.option("--recipe", default="default", show_default=True)
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None)
+@click.option("--estimate", is_flag=True,
+              help="Without the target's hardware here, write roofline estimates.")
 @click.option("--quiet", is_flag=True)
 @_handle_errors
-def lut_build(model, target, output, recipe, checkpoint, quiet):
-    """Measure every candidate op of MODEL on this machine and write a LUT file."""
-    from .latency import layer_latencies
+def lut_build(model, target, output, recipe, checkpoint, estimate, quiet):
+    """Measure every candidate op of MODEL on this machine and write a LUT file.
+
+    Example: hant lut build tf_efficientnet_lite0 --target h100 -o lut.json
+    """
+    from .latency import layer_latencies, lut_for_build
     from .pipeline import arch_key, candidate_ops
     from .recipe import load_recipe
     from .split import split
@@ -225,11 +236,10 @@ def lut_build(model, target, output, recipe, checkpoint, quiet):
     s = split(net, model_name=name)
     cands = candidate_ops(s, load_recipe(recipe).pool)
     key = arch_key(name, net, s)
-    table = latency_luts.LUT(latency_luts.get_target(target))
-    if output.exists():
-        table = latency_luts.LUT.load(output)
-    layer_latencies(s, key, cands, table, output, progress=not quiet)
-    click.echo(f"wrote {output} ({len(table.entries)} entries)")
+    table = lut_for_build(output, target)
+    layer_latencies(s, key, cands, table, output, progress=not quiet, allow_estimate=estimate)
+    kind = "estimated" if table.estimated else "measured"
+    click.echo(f"wrote {output} ({len(table.entries)} entries, {kind})")
 
 
 def _phase_command(name: str, doc: str):

@@ -1,4 +1,9 @@
-"""b_ij: per-(layer, op) latency on the target, from a LUT file that grows as ops are measured."""
+"""b_ij: per-(layer, op) latency on the target, from a LUT file that grows as ops are measured.
+
+Where the target's hardware is not on this machine, missing entries are roofline estimates
+(``latency_luts.RooflineEstimator``), marked ``"estimated": true`` in the LUT; `LUT.estimated`
+says whether any was used, so the report can say so.
+"""
 
 from __future__ import annotations
 
@@ -13,25 +18,95 @@ from latency_luts import LUT, Target
 from .split import TEACHER, Split
 from .store import Store
 
-__all__ = ["resolve_target", "layer_latencies", "measure_model", "op_key"]
+__all__ = ["resolve_target", "layer_latencies", "measure_model", "op_key", "can_measure",
+           "lut_for_build"]
 
 _logger = logging.getLogger(__name__)
 
 
-def resolve_target(target: str | Target, store: Store) -> tuple[LUT, Path | None]:
-    """A profile name (its LUT lives in the work dir and grows) or a LUT file path (read-only)."""
-    if isinstance(target, str) and (target.endswith(".json") or Path(target).is_file()):
+def _is_file(target) -> bool:
+    return isinstance(target, (str, Path)) and (str(target).endswith(".json")
+                                                or Path(target).is_file())
+
+
+def resolve_target(
+    target: str | Path | Target | None,
+    store: Store,
+    lut: str | Path | None = None,
+) -> tuple[LUT, Path | None]:
+    """The LUT to use and where it grows (None: a read-only LUT file).
+
+    Args:
+        target: a profile name (its LUT lives in the work dir and grows as ops are measured or
+            estimated), a LUT file path (read-only), a `Target`, or None (with `lut`).
+        store: the work dir.
+        lut: a LUT file (read-only); if `target` names a profile too, the file must match its
+            precision, batch and device.
+
+    Raises:
+        LutError: unreadable/corrupt LUT, or a LUT measured for another precision or batch.
+        UnknownTargetError: `target` is neither a profile nor a file (lists the profiles).
+
+    Example:
+        >>> table, path = resolve_target("cpu", Store("/tmp/hant"))  # doctest: +SKIP
+    """
+    if lut is not None:
+        table = LUT.load(lut)
+        if target is not None and not _is_file(target):
+            table.check_compatible(latency_luts.get_target(target), source=f"LUT file {lut}")
+        return table, None
+    if target is None:
+        target = "cpu"
+    if _is_file(target):
         return LUT.load(target), None
     t = latency_luts.get_target(target)
-    path = store.path("luts", f"{t.name}.json")
+    estimate = not latency_luts.hardware_present(t)
+    path = store.path("luts", f"{t.name}{'-estimate' if estimate else ''}.json")
     if path.exists():
-        lut = LUT.load(path)
-        if lut.target != t:
+        table = LUT.load(path)
+        here = latency_luts.device_name(t)
+        if table.target != t:
             _logger.warning("target profile '%s' changed; starting a new LUT", t.name)
-            lut = LUT(t)
+            table = LUT(t)
+        elif table.entries and table.fingerprint.get("measured_on", here) != here:
+            _logger.warning("the work dir's LUT for '%s' was made on %s, this machine has %s; "
+                            "starting a new LUT", t.name, table.fingerprint.get("measured_on"),
+                            here)
+            table = LUT(t)
     else:
-        lut = LUT(t)
-    return lut, path
+        table = LUT(t)
+    return table, path
+
+
+def lut_for_build(path: str | Path, target: str | Target) -> LUT:
+    """The LUT `hant lut build` grows: the file at `path` if it holds `target`'s table (its
+    missing entries get measured), else a new one.
+
+    Raises:
+        LutError: `path` holds a LUT for another target (or is corrupt).
+    """
+    t = latency_luts.get_target(target)
+    if not Path(path).exists():
+        return LUT(t)
+    table = LUT.load(path)
+    if table.target != t:
+        raise latency_luts.LutError(
+            f"{path} holds the LUT of target '{table.target.name}' "
+            f"({table.target.precision}, batch {table.target.batch}); write target "
+            f"'{t.name}' to another file"
+        )
+    return table
+
+
+def can_measure(lut: LUT, lut_path: Path | None) -> bool:
+    """True if this machine can measure whole networks the way `lut` was made (same hardware,
+    not an estimate): the closed loop of the search and the report's measured figures."""
+    if lut.estimated or not latency_luts.hardware_present(lut.target):
+        return False
+    if lut_path is not None:
+        return True
+    here = latency_luts.environment_fingerprint(lut.target, {})
+    return lut.fingerprint.get("device") == here["device"]
 
 
 def op_key(split: Split, arch_key: str, index: int, op: str) -> str:
@@ -41,8 +116,57 @@ def op_key(split: Split, arch_key: str, index: int, op: str) -> str:
     return op
 
 
-def measure_model(model: nn.Module, input_size, target: Target) -> latency_luts.Measurement:
-    return latency_luts.get_backend(target).measure(model, tuple(input_size))
+def measure_model(model: nn.Module, input_size, target: Target,
+                  allow_estimate: bool = False) -> latency_luts.Measurement:
+    """End-to-end latency of `model` on `target`'s backend (one call: overhead included).
+
+    Raises:
+        BackendUnavailableError: the target's hardware or backend is not here (unless
+            `allow_estimate`, which returns a roofline estimate).
+    """
+    backend = latency_luts.get_backend(target, allow_estimate=allow_estimate)
+    return backend.measure(model, tuple(input_size))
+
+
+def _shape(s) -> str:
+    return "x".join(str(v) for v in s)
+
+
+def _mismatch(split: Split, lut: LUT, item: tuple) -> str:
+    """What the first missing entry is, in words, and what the LUT has instead."""
+    name, in_shape, out_shape, _, where = item
+    t = lut.target
+    what = (f"op '{name}' ({where}, input {_shape(in_shape)} -> output {_shape(out_shape)}, "
+            f"batch {t.batch}, {t.precision})")
+    same_op = lut.ops_named(name)
+    if same_op:
+        have = sorted({_shape(e["in_shape"]) + " -> " + _shape(e["out_shape"]) for e in same_op})
+        hint = f"it has that op only at {', '.join(have[:3])}"
+    elif "@" in name:
+        kind = name.split("@", 1)[0]
+        others = sorted({e["op"].split("/", 1)[0] for e in lut.entries.values()
+                         if e["op"].startswith(kind + "@")})
+        hint = (f"it has {kind}s of other architectures ({', '.join(others[:2])}): it was built "
+                "for another teacher or input size" if others
+                else f"it has no {kind} entries: it was built for another teacher or pool")
+    else:
+        hint = "it was built for another pool (recipe)"
+    return (f"the LUT has no entry for {what}, its first mismatch with {split.model_name}; "
+            f"{hint}. Build one for this model with `hant lut build MODEL --target NAME -o FILE`")
+
+
+def _items(split: Split, arch_key: str, candidates: dict[int, list[str]]) -> list[tuple]:
+    stem_out = split.layers[0].in_shape
+    head_in = split.layers[-1].out_shape
+    items = [(f"stem@{arch_key}", split.input_size, stem_out, lambda: split.stem, "the stem"),
+             (f"head@{arch_key}", head_in, split.output_shape, lambda: split.head, "the head")]
+    for i, ops in candidates.items():
+        layer = split.layers[i]
+        for op in ops:
+            items.append((op_key(split, arch_key, i, op), layer.in_shape, layer.out_shape,
+                          (lambda i=i, op=op: split.build_op(i, op)),
+                          f"layer {i} '{layer.name}'"))
+    return items
 
 
 def layer_latencies(
@@ -52,39 +176,49 @@ def layer_latencies(
     lut: LUT,
     lut_path: Path | None,
     progress: bool = True,
+    allow_estimate: bool = True,
 ) -> tuple[list[dict[str, float]], float, float]:
-    """Fill `lut` with every missing entry; return (b[i][op], stem ms, head ms)."""
+    """Fill `lut` with every missing entry; return (b[i][op], stem ms, head ms).
+
+    Entries are net of the backend's per-call overhead (``lut.overhead_ms``); the stem figure
+    returned includes it once, so ``stem + head + sum(b)`` is a whole network's latency.
+    Missing entries are measured on the target's backend, or estimated (roofline, with a
+    warning) where its hardware is not here and `allow_estimate`; ``lut.estimated`` then
+    says so.
+
+    Raises:
+        LutError: a read-only LUT (`lut_path` None) lacks an entry; the message names the first
+            mismatch (layer, op, shapes).
+        BackendUnavailableError: the backend cannot measure here (hardware absent and no
+            estimate allowed, package missing, no GPU).
+    """
     from tqdm import tqdm
 
-    stem_out = split.layers[0].in_shape
-    head_in = split.layers[-1].out_shape
-    items = [(f"stem@{arch_key}", split.input_size, stem_out, lambda: split.stem)]
-    items.append((f"head@{arch_key}", head_in, split.output_shape, lambda: split.head))
-    for i, ops in candidates.items():
-        layer = split.layers[i]
-        for op in ops:
-            items.append((op_key(split, arch_key, i, op), layer.in_shape, layer.out_shape,
-                          (lambda i=i, op=op: split.build_op(i, op))))
+    items = _items(split, arch_key, candidates)
     missing = [it for it in items if (it[0], it[1], it[2]) not in lut]
     if missing:
         if lut_path is None:
-            first = missing[0]
-            raise latency_luts.LutError(
-                f"the LUT has no entry for op '{first[0]}' at input {tuple(first[1])}; it was "
-                "built for another model or pool. Build one for this model with "
-                "`hant lut build MODEL --target NAME -o FILE`"
-            )
-        backend = latency_luts.get_backend(lut.target)
-        lut.fingerprint = latency_luts.environment_fingerprint(lut.target, backend.fingerprint())
+            raise latency_luts.LutError(_mismatch(split, lut, missing[0]))
+        backend = latency_luts.get_backend(lut.target, allow_estimate=allow_estimate)
+        if not lut.entries or not lut.fingerprint:
+            lut.fingerprint = latency_luts.environment_fingerprint(
+                lut.target, backend.fingerprint())
+        if lut.overhead_ms is None:
+            lut.overhead_ms = backend.overhead_ms()
         bar = tqdm(missing, desc=f"latency LUT ({lut.target.name})", unit="op",
                    disable=not progress)
-        for n, (name, in_shape, out_shape, make) in enumerate(bar):
+        for n, (name, in_shape, out_shape, make, _) in enumerate(bar):
             m = backend.measure(make(), tuple(in_shape))
-            lut.set(name, in_shape, out_shape, m.ms, m.spread_ms, m.runs)
+            lut.set(name, in_shape, out_shape, max(m.ms - lut.overhead_ms, 0.0), m.spread_ms,
+                    m.runs, estimated=m.estimated, raw_ms=m.ms, stable=m.stable)
             if n % 25 == 24:
                 lut.save(lut_path)
         lut.save(lut_path)
-    stem_ms = lut.get(*items[0][:3])
+    if lut.estimated:
+        _logger.warning("latencies for target '%s' are roofline estimates, not measurements",
+                        lut.target.name)
+    overhead = lut.overhead_ms or 0.0
+    stem_ms = lut.get(*items[0][:3]) + overhead
     head_ms = lut.get(*items[1][:3])
     b: list[dict[str, float]] = [{} for _ in split.layers]
     for i, ops in candidates.items():

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import latency_luts
 import ops_pool
 
 from ._errors import CompressorError, InfeasibleError
@@ -24,7 +23,7 @@ from .distill import OpResult, distill, load_op
 from .evaluate import evaluate, mean_loss, predict
 from .finetune import finetune
 from .fitness import Fitness, fitness
-from .latency import layer_latencies, measure_model, resolve_target
+from .latency import can_measure, layer_latencies, measure_model, resolve_target
 from .recipe import PoolCfg, Recipe, load_recipe
 from .search import Solution, min_latency, solve
 from .split import TEACHER, Split, split
@@ -118,9 +117,10 @@ class Run:
         self,
         model: str | nn.Module,
         data: str | Path,
-        target: str = "cpu",
+        target: str | None = "cpu",
         speedup: float = 0.5,
         *,
+        lut: str | Path | None = None,
         checkpoint: str | Path | None = None,
         recipe: str | Recipe = "default",
         work_dir: str | Path | None = None,
@@ -136,7 +136,7 @@ class Run:
         if k is not None:
             self.recipe = self.recipe.override("search", k=int(k))
         self.store = Store(work_dir or default_work_dir())
-        self.lut, self.lut_path = resolve_target(target, self.store)
+        self.lut, self.lut_path = resolve_target(target, self.store, lut=lut)
         self.data_set = scan_images(data)
         self.val_set = scan_images(val_data) if val_data is not None else None
         self.teacher, self.teacher_name, self.teacher_args = load_teacher(
@@ -216,6 +216,12 @@ class Run:
             )
             rec["measured_entries"] = len(self.lut.entries) - n_before
             rec["cached"] = rec["measured_entries"] == 0
+            rec["estimated"] = self.lut.estimated
+            if self.lut.estimated and not any("roofline" in n for n in self.notes):
+                t = self.lut.target
+                self.notes.append(
+                    f"target '{t.name}' ({t.hardware or t.device}) is not on this machine: its "
+                    "latencies are roofline estimates, and the student is not measured end to end")
             self.teacher_pred = self.stem_ms + self.head_ms + sum(b[TEACHER] for b in self.b)
             self.min_pred = self.stem_ms + self.head_ms + min_latency(self.b)
             rec["min_speedup"] = round(self.min_pred / self.teacher_pred, 4)
@@ -383,10 +389,7 @@ class Run:
         return s.assemble(list(choices), weights=weights)
 
     def _hardware_here(self) -> bool:
-        if self.lut_path is not None:
-            return True
-        here = latency_luts.environment_fingerprint(self.lut.target, {})
-        return self.lut.fingerprint.get("device") == here["device"]
+        return can_measure(self.lut, self.lut_path)
 
     def _measure_student(self, choices) -> float | None:
         if not self._hardware_here():
@@ -442,7 +445,8 @@ class Run:
         t_meas = getattr(self, "teacher_measured", None)
         return {
             "teacher_name": self.teacher_name,
-            "target": self.lut.target.to_dict(),
+            "target": self.lut.target.to_dict() | {"estimated": self.lut.estimated,
+                                                   "overhead_ms": self.lut.overhead_ms},
             "lut_fingerprint": self.lut.fingerprint,
             "recipe": self.recipe.to_dict(),
             "layers": [layer.name for layer in s.layers],

@@ -1,136 +1,84 @@
-"""Measuring backends: objects with ``available()`` and ``measure(module, in_shape)``."""
+"""Measuring backends in a registry, and `get_backend`, which picks one for a target.
+
+Example:
+    >>> import latency_luts
+    >>> type(latency_luts.get_backend("cpu")).__name__
+    'OnnxRuntimeBackend'
+    >>> type(latency_luts.get_backend("v100", allow_estimate=True)).__name__  # no V100 here
+    'RooflineEstimator'
+"""
 
 from __future__ import annotations
 
-import io
-import statistics
-import time
-import warnings
-from dataclasses import dataclass
+import logging
 
-import torch
-from torch import nn
-
+from ._base import Backend, onnx_bytes
 from ._errors import BackendUnavailableError
-from .target import Target
+from ._onnxruntime import OnnxRuntimeBackend
+from ._tensorrt import TensorRTBackend
+from ._torch import TorchBackend
+from .hardware import device_name, hardware_present
+from .roofline import RooflineEstimator
+from .target import Target, get_target
+from .timing import Measurement
 
-__all__ = ["Measurement", "Backend", "OnnxRuntimeBackend", "get_backend"]
+__all__ = ["Measurement", "Backend", "OnnxRuntimeBackend", "TorchBackend", "TensorRTBackend",
+           "RooflineEstimator", "get_backend", "list_backends", "onnx_bytes"]
 
+_logger = logging.getLogger(__name__)
 
-@dataclass
-class Measurement:
-    """Median latency of one call in milliseconds and the spread (p90 - p10) of the samples."""
-
-    ms: float
-    spread_ms: float
-    runs: int
-
-
-def _timed(fn, min_runs: int, min_seconds: float, max_runs: int) -> Measurement:
-    for _ in range(3):  # warm-up
-        fn()
-    samples: list[float] = []
-    start = time.perf_counter()
-    while len(samples) < max_runs and (
-        len(samples) < min_runs or time.perf_counter() - start < min_seconds
-    ):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1000.0)
-    samples.sort()
-    p10 = samples[int(0.1 * (len(samples) - 1))]
-    p90 = samples[int(0.9 * (len(samples) - 1))]
-    return Measurement(statistics.median(samples), p90 - p10, len(samples))
+_BACKENDS: dict[str, type[Backend]] = {
+    "onnxruntime": OnnxRuntimeBackend,
+    "torch": TorchBackend,
+    "tensorrt": TensorRTBackend,
+    "roofline": RooflineEstimator,
+}
 
 
-class Backend:
-    """Base class; subclasses measure one module at one input shape."""
-
-    name = "base"
-    package = ""
-
-    def __init__(self, target: Target):
-        self.target = target
-
-    @classmethod
-    def available(cls) -> bool:
-        raise NotImplementedError
-
-    def measure(self, module: nn.Module, in_shape: tuple[int, ...]) -> Measurement:
-        raise NotImplementedError
-
-    def fingerprint(self) -> dict:
-        return {"torch": torch.__version__}
+def list_backends() -> dict[str, bool]:
+    """Backend names and whether each one's package imports here."""
+    return {name: cls.available() for name, cls in sorted(_BACKENDS.items())}
 
 
-def onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
-    """`module` as ONNX bytes (TorchScript exporter: fast for small graphs)."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, (example,), buf, dynamo=False, input_names=["x"], output_names=["y"],
-            opset_version=17,
-        )
-    return buf.getvalue()
+def get_backend(target: str | Target, allow_estimate: bool = False) -> Backend:
+    """The backend that measures `target` on this machine.
 
+    Args:
+        target: a profile name or a `Target`.
+        allow_estimate: if the target's hardware is not here (see `hardware_present`), return a
+            `RooflineEstimator` instead of raising.
 
-class OnnxRuntimeBackend(Backend):
-    """onnxruntime with the CPU execution provider, fixed thread count."""
-
-    name = "onnxruntime"
-    package = "onnxruntime"
-
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return False
-        return True
-
-    def session(self, model_bytes: bytes):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.target.threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
-
-    def measure(self, module: nn.Module, in_shape: tuple[int, ...]) -> Measurement:
-        if self.target.precision != "fp32":
-            raise BackendUnavailableError(
-                "the onnxruntime CPU backend measures fp32 only, target asks "
-                f"{self.target.precision}"
-            )
-        module = module.eval()
-        example = torch.randn(self.target.batch, *in_shape)
-        with torch.no_grad():
-            sess = self.session(onnx_bytes(module, example))
-        feed = {sess.get_inputs()[0].name: example.numpy()}
-        return _timed(lambda: sess.run(None, feed), min_runs=20, min_seconds=0.15, max_runs=300)
-
-    def fingerprint(self) -> dict:
-        import onnxruntime as ort
-
-        return {"torch": torch.__version__, "onnxruntime": ort.__version__}
-
-
-_BACKENDS: dict[str, type[Backend]] = {"onnxruntime": OnnxRuntimeBackend}
-
-
-def get_backend(target: Target) -> Backend:
+    Raises:
+        BackendUnavailableError: unknown backend, hardware not here (and no estimate allowed),
+            package not installed (the message names it), or no CUDA GPU for a GPU backend.
+    """
+    target = get_target(target)
     cls = _BACKENDS.get(target.backend)
     if cls is None:
         raise BackendUnavailableError(
             f"target '{target.name}' asks for backend '{target.backend}', which is not built; "
             f"available backends: {', '.join(sorted(_BACKENDS))}"
         )
-    if not cls.available():
+    if not cls.estimates and not hardware_present(target):
+        if allow_estimate and target.can_estimate:
+            _logger.warning(
+                "target '%s' (%s) is not on this machine (found: %s); its latencies are "
+                "roofline ESTIMATES from its peak figures, not measurements",
+                target.name, target.hardware or target.device, device_name(target),
+            )
+            backend = RooflineEstimator(target)
+            backend.check()
+            return backend
+        if target.device == "cuda" and device_name(target) == "no CUDA GPU":
+            raise BackendUnavailableError(
+                f"backend '{cls.name}' needs a CUDA GPU; none found (target '{target.name}')"
+            )
         raise BackendUnavailableError(
-            f"backend '{cls.name}' for target '{target.name}' is not installed: "
-            f"pip install {cls.package}"
+            f"target '{target.name}' needs {target.hardware or target.device}, this machine has "
+            f"{device_name(target)}; measure its LUT on that machine (`hant lut build MODEL "
+            f"--target {target.name} -o FILE`, then --lut FILE here) or allow a roofline "
+            "estimate"
         )
-    return cls(target)
+    backend = cls(target)
+    backend.check()
+    return backend

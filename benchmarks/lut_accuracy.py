@@ -1,0 +1,111 @@
+"""How well the LUT sum predicts end-to-end latency.
+
+Draws random architectures from the pool (a random candidate op per layer), predicts each one's
+latency as ``stem + head + sum of its ops`` from the LUT (entries net of the backend's per-call
+overhead, which the stem figure carries once), measures the assembled network end to end on the
+same backend, and prints the error statistics as JSON.
+
+Usage::
+
+    python benchmarks/lut_accuracy.py --model tf_efficientnet_lite0 --target cpu --archs 20 --json
+
+The LUT is ``--lut FILE`` if given (read-only), else the shipped table
+``latency_luts/tables/MODEL-TARGET.json`` if it was measured on this machine's device, else the
+work dir's LUT for the target (missing entries are measured first). The target's hardware must be
+here: an estimate cannot be checked against a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import statistics
+import sys
+
+import torch
+
+import latency_luts
+from compressor.latency import layer_latencies, measure_model, resolve_target
+from compressor.pipeline import arch_key, candidate_ops
+from compressor.recipe import load_recipe
+from compressor.split import TEACHER, split
+from compressor.store import Store, default_work_dir
+from compressor.teacher import load_teacher
+
+
+def _pick_lut(args, store: Store):
+    if args.lut:
+        return resolve_target(args.target, store, lut=args.lut)
+    shipped = latency_luts.shipped_table(args.model, args.target)
+    if shipped is not None:
+        lut = latency_luts.LUT.load(shipped)
+        here = latency_luts.device_name(lut.target)
+        if lut.fingerprint.get("device") == here:
+            return lut, None
+        logging.warning("shipped LUT %s was measured on %s, not on this %s; using the work dir's",
+                        shipped, lut.fingerprint.get("device"), here)
+    return resolve_target(args.target, store)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tf_efficientnet_lite0")
+    p.add_argument("--target", default="cpu")
+    p.add_argument("--archs", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", default="default", help="its pool gives the candidate ops")
+    p.add_argument("--lut", default=None, help="a LUT file (read-only)")
+    p.add_argument("--work-dir", default=None)
+    p.add_argument("--json", action="store_true", help="print only the JSON summary")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.json else logging.INFO,
+                        format="%(message)s")
+    torch.manual_seed(args.seed)
+
+    target = latency_luts.get_target(args.target)
+    if not latency_luts.hardware_present(target):
+        sys.exit(f"target '{target.name}' is not on this machine: nothing to measure against")
+    net, name, _ = load_teacher(args.model, random_init=True)
+    net.eval()
+    s = split(net, model_name=name)
+    cands = candidate_ops(s, load_recipe(args.recipe).pool)
+    store = Store(args.work_dir or default_work_dir())
+    lut, lut_path = _pick_lut(args, store)
+    b, stem_ms, head_ms = layer_latencies(s, arch_key(name, net, s), cands, lut, lut_path,
+                                          progress=not args.json)
+
+    rng = random.Random(args.seed)
+    archs = [[TEACHER] * len(s.layers)]
+    while len(archs) < args.archs + 1:
+        archs.append([rng.choice(cands[i]) for i in range(len(s.layers))])
+    rows = []
+    for n, choices in enumerate(archs):
+        pred = stem_ms + head_ms + sum(b[i][op] for i, op in enumerate(choices))
+        model = s.assemble(choices).eval()
+        m = measure_model(model, s.input_size, lut.target)
+        err = 100.0 * (pred - m.ms) / m.ms
+        rows.append({"choices": choices, "predicted_ms": pred, "measured_ms": m.ms,
+                     "spread_ms": m.spread_ms, "err_pct": err})
+        logging.info("%s %2d predicted %.3f ms measured %.3f ms (spread %.3f) error %+.1f %%",
+                     "teacher" if n == 0 else "arch   ", n, pred, m.ms, m.spread_ms, err)
+    errs = [abs(r["err_pct"]) for r in rows[1:]]
+    out = {
+        "median_abs_err_pct": round(statistics.median(errs), 2),
+        "max_abs_err_pct": round(max(errs), 2),
+        "archs": len(errs),
+        "mean_signed_err_pct": round(statistics.mean(r["err_pct"] for r in rows[1:]), 2),
+        "teacher_err_pct": round(rows[0]["err_pct"], 2),
+        "model": name,
+        "target": lut.target.name,
+        "device": lut.fingerprint.get("device"),
+        "overhead_ms": lut.overhead_ms,
+        "lut": str(lut_path or args.lut or latency_luts.shipped_table(args.model, args.target)),
+    }
+    print(json.dumps(out) if args.json else json.dumps({**out, "rows": rows}, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()

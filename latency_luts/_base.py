@@ -1,0 +1,97 @@
+"""The backend interface and the ONNX export shared by the ONNX-based backends."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import torch
+from torch import nn
+
+from ._errors import BackendUnavailableError
+from .hardware import gpu_name
+from .target import Target
+from .timing import Measurement
+
+__all__ = ["Backend", "onnx_bytes", "torch_dtype"]
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a precision name (``fp32``, ``fp16``, ``bf16``)."""
+    return _DTYPES[precision]
+
+
+class Backend:
+    """Measures one module at one input shape on one target.
+
+    Subclasses set ``name``, ``package`` (what to ``pip install``), ``devices`` and
+    ``precisions``, and implement `measure`. Like PuLP's solvers, `available` says whether
+    the package imports here; `check` raises a `BackendUnavailableError` saying what is missing.
+    """
+
+    name = "base"
+    package = ""
+    devices: tuple[str, ...] = ("cpu",)
+    precisions: tuple[str, ...] = ("fp32",)
+    estimates = False
+
+    def __init__(self, target: Target):
+        self.target = target
+
+    @classmethod
+    def available(cls) -> bool:
+        """True if the backend's package imports on this machine."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise `BackendUnavailableError` if this backend cannot measure its target here."""
+        t = self.target
+        if t.device not in self.devices:
+            raise BackendUnavailableError(
+                f"backend '{self.name}' runs on {'/'.join(self.devices)}, target '{t.name}' "
+                f"asks for device {t.device}"
+            )
+        if t.precision not in self.precisions:
+            raise BackendUnavailableError(
+                f"backend '{self.name}' on {t.device} measures {'/'.join(self.precisions)}, "
+                f"target '{t.name}' asks for {t.precision}"
+            )
+        if t.device == "cuda" and gpu_name() is None:
+            raise BackendUnavailableError(f"backend '{self.name}' needs a CUDA GPU; none found")
+        if not self.available():
+            raise BackendUnavailableError(
+                f"backend '{self.name}' for target '{t.name}' is not installed: "
+                f"pip install {self.package}"
+            )
+
+    def measure(self, module: nn.Module, in_shape: tuple[int, ...]) -> Measurement:
+        """Latency of one call of `module` on a (batch, *in_shape) input."""
+        raise NotImplementedError
+
+    def overhead_ms(self) -> float:
+        """Fixed cost of one call that every measurement includes (0 if negligible)."""
+        return 0.0
+
+    def fingerprint(self) -> dict:
+        """Library versions that the measurements depend on."""
+        return {"torch": torch.__version__}
+
+
+def onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
+    """`module` as ONNX bytes (TorchScript exporter: fast for small graphs).
+
+    Example:
+        >>> import torch
+        >>> len(onnx_bytes(torch.nn.ReLU(), torch.randn(1, 3))) > 0
+        True
+    """
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (example,), buf, dynamo=False, input_names=["x"], output_names=["y"],
+            opset_version=17,
+        )
+    return buf.getvalue()

@@ -1,0 +1,156 @@
+"""Roofline estimate of an op's latency on hardware that is not on this machine.
+
+Model: one forward of the op at batch 1 on this CPU is traced at the ATen level; every ATen op
+that is not a view becomes a kernel with
+
+- FLOPs from ``torch.utils.flop_counter``'s formulas (convolutions, matmuls; 0 otherwise),
+- bytes = its weight inputs (parameters and buffers, once) + its activation inputs and outputs
+  (x batch), at the target's precision,
+
+and time ``max(FLOPs / (peak x compute_efficiency), bytes / (bandwidth x memory_efficiency))
++ launch_overhead``. FLOPs and activation bytes scale linearly with the batch. If the profile
+fuses pointwise ops (``fuse_pointwise``: TensorRT), an elementwise op (output as large as its
+largest input, no FLOP formula) after a kernel is folded into it at no cost. The op's estimate is
+the sum over its kernels. Peaks and efficiencies come from the target profile (``targets.yaml``).
+
+Example:
+    >>> import torch, latency_luts
+    >>> est = latency_luts.RooflineEstimator(latency_luts.get_target("v100"))
+    >>> est.measure(torch.nn.Conv2d(64, 64, 3, padding=1), (64, 56, 56)).estimated
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+from ._base import Backend
+from ._errors import BackendUnavailableError
+from .timing import Measurement
+
+__all__ = ["RooflineEstimator", "Kernel"]
+
+_FREE = {"detach", "alias", "lift_fresh", "_to_copy", "empty", "zeros", "ones", "empty_like",
+         "zeros_like", "ones_like", "randn", "copy_"}
+
+
+@dataclass
+class Kernel:
+    """One ATen op of the traced forward, at batch 1."""
+
+    op: str
+    flops: float
+    weight_elems: int
+    act_elems: int
+    pointwise: bool
+
+
+class _Trace(TorchDispatchMode):
+    def __init__(self, weight_ids: set[int]):
+        super().__init__()
+        self.weight_ids = weight_ids
+        self.kernels: list[Kernel] = []
+
+    def _is_weight(self, t: torch.Tensor) -> bool:
+        return id(t) in self.weight_ids or (t._base is not None and id(t._base) in self.weight_ids)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if getattr(func, "is_view", False) or packet.__name__ in _FREE:
+            return out
+        flops = 0.0
+        if packet in flop_registry:
+            flops = float(flop_registry[packet](*args, **kwargs, out_val=out))
+        ins = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        w = sum(t.numel() for t in ins if self._is_weight(t))
+        a = sum(t.numel() for t in ins if not self._is_weight(t)) + sum(t.numel() for t in outs)
+        biggest_in = max((t.numel() for t in ins), default=0)
+        pointwise = flops == 0 and bool(outs) and outs[0].numel() >= biggest_in
+        self.kernels.append(Kernel(packet.__name__, flops, w, a, pointwise))
+        return out
+
+
+def _trace(module: nn.Module, x: torch.Tensor) -> list[Kernel]:
+    ids = {id(t) for t in list(module.parameters()) + list(module.buffers())}
+    mode = _Trace(ids)
+    with torch.no_grad(), mode:
+        module(x)
+    return mode.kernels
+
+
+def trace_kernels(module: nn.Module, in_shape: tuple[int, ...]) -> list[Kernel]:
+    """The ATen ops of one batch-1 fp32 forward of a copy of `module`: on the meta device (no
+    compute), or on this CPU if the module does not run on meta tensors."""
+    module = copy.deepcopy(module).eval().float()
+    try:
+        return _trace(module.to("meta"), torch.empty(1, *in_shape, device="meta"))
+    except Exception:  # e.g. tensor constants that stay on the CPU
+        module = copy.deepcopy(module).cpu()
+        return _trace(module, torch.randn(1, *in_shape))
+
+
+class RooflineEstimator(Backend):
+    """Estimates latency on a target whose hardware is absent, from its peak figures.
+
+    `measure` returns a `Measurement` with ``estimated=True``, ``runs=0``, ``spread_ms=0``.
+    """
+
+    name = "roofline"
+    package = "torch"
+    devices = ("cpu", "cuda")
+    precisions = ("fp32", "fp16", "bf16")
+    estimates = True
+
+    @classmethod
+    def available(cls) -> bool:
+        return True
+
+    def check(self) -> None:
+        if not self.target.can_estimate:
+            raise BackendUnavailableError(
+                f"target '{self.target.name}' has no peak figures (peak_tflops, "
+                "mem_bandwidth_gbs) to estimate latency from, and its hardware is not here; "
+                "measure it on the target machine with `hant lut build MODEL --target "
+                f"{self.target.name} -o FILE`"
+            )
+
+    def kernel_ms(self, kernels: list[Kernel]) -> list[float]:
+        """Estimated ms per kernel (0 for a pointwise op fused into the previous kernel)."""
+        t = self.target
+        flops_s = t.peak_tflops * 1e12 * t.compute_efficiency
+        bytes_s = t.mem_bandwidth_gbs * 1e9 * t.memory_efficiency
+        out: list[float] = []
+        have_kernel = False
+        for k in kernels:
+            if t.fuse_pointwise and k.pointwise and have_kernel:
+                out.append(0.0)
+                continue
+            have_kernel = True
+            nbytes = (k.weight_elems + k.act_elems * t.batch) * t.bytes_per_element
+            sec = max(k.flops * t.batch / flops_s, nbytes / bytes_s)
+            out.append(sec * 1000.0 + t.launch_overhead_us / 1000.0)
+        return out
+
+    def measure(self, module: nn.Module, in_shape: tuple[int, ...]) -> Measurement:
+        self.check()
+        ms = sum(self.kernel_ms(trace_kernels(module, tuple(in_shape))))
+        return Measurement(ms, 0.0, 0, stable=True, estimated=True)
+
+    def fingerprint(self) -> dict:
+        t = self.target
+        return {"torch": torch.__version__, "estimator": "roofline", "hardware": t.hardware,
+                "peak_tflops": t.peak_tflops, "mem_bandwidth_gbs": t.mem_bandwidth_gbs,
+                "compute_efficiency": t.compute_efficiency,
+                "memory_efficiency": t.memory_efficiency,
+                "launch_overhead_us": t.launch_overhead_us, "fuse_pointwise": t.fuse_pointwise,
+                "source": t.source, "estimated": True}

@@ -1,0 +1,114 @@
+"""Target profiles, hardware detection, LUT compatibility and mismatch messages."""
+
+import json
+
+import pytest
+import timm
+
+import latency_luts
+from compressor.latency import can_measure, layer_latencies, resolve_target
+from compressor.split import split
+from compressor.store import Store
+from latency_luts import LUT, LutError, Target, hardware
+
+PAPER_GPUS = ("v100", "a100", "h100", "t4", "l4")
+
+
+def test_profiles_listed_with_paper_settings():
+    names = latency_luts.list_targets()
+    for n in ("cpu", "xeon", *PAPER_GPUS):
+        assert n in names
+    for n in PAPER_GPUS:
+        t = latency_luts.get_target(n)
+        assert (t.backend, t.device, t.precision, t.batch) == ("tensorrt", "cuda", "fp16", 128)
+        assert t.can_estimate and t.source
+    xeon = latency_luts.get_target("xeon")
+    assert (xeon.backend, xeon.device, xeon.precision, xeon.batch) == ("torch", "cpu", "fp32", 1)
+    cpu = latency_luts.get_target("cpu")
+    assert (cpu.backend, cpu.threads, cpu.batch) == ("onnxruntime", 1, 1)
+
+
+def test_unknown_target_lists_known_ones():
+    with pytest.raises(latency_luts.UnknownTargetError, match="known targets: a100, cpu.*v100"):
+        latency_luts.get_target("tpu9000")
+
+
+def test_hardware_detection(monkeypatch):
+    assert latency_luts.hardware_present(latency_luts.get_target("cpu"))
+    monkeypatch.setattr(hardware, "cpu_model", lambda: "AMD EPYC 7B13")
+    assert not latency_luts.hardware_present(latency_luts.get_target("xeon"))
+    monkeypatch.setattr(hardware, "cpu_model", lambda: "Intel(R) Xeon(R) Silver 4114 CPU")
+    assert latency_luts.hardware_present(latency_luts.get_target("xeon"))
+    monkeypatch.setattr(hardware, "gpu_name", lambda: "Tesla V100-SXM2-16GB")
+    present = {n for n in PAPER_GPUS if latency_luts.hardware_present(latency_luts.get_target(n))}
+    assert present == {"v100"}
+    monkeypatch.setattr(hardware, "gpu_name", lambda: "NVIDIA L40S")
+    assert not latency_luts.hardware_present(latency_luts.get_target("l4"))
+    monkeypatch.setattr(hardware, "gpu_name", lambda: None)
+    assert not latency_luts.hardware_present(latency_luts.get_target("cuda"))
+
+
+def test_fingerprint_fields():
+    t = latency_luts.get_target("cpu")
+    fp = latency_luts.environment_fingerprint(t, latency_luts.get_backend(t).fingerprint())
+    for k in ("device", "driver", "threads", "precision", "batch", "torch", "onnxruntime", "os"):
+        assert k in fp
+    assert (fp["threads"], fp["precision"], fp["batch"]) == (1, "fp32", 1)
+    est = latency_luts.environment_fingerprint(latency_luts.get_target("h100"),
+                                               {"estimated": True})
+    assert est["device"].startswith("estimate: ") and est["backend"] == "roofline"
+
+
+def test_lut_v2_fields_and_v1_still_read(tmp_path):
+    lut = LUT(latency_luts.get_target("cpu"), overhead_ms=0.01)
+    lut.set("identity", (8, 4, 4), (8, 4, 4), 0.5, estimated=True, raw_ms=0.51)
+    d = json.loads(lut.save(tmp_path / "lut.json").read_text())
+    assert d["version"] == latency_luts.VERSION == 2
+    assert d["estimated"] is True and d["overhead_ms"] == 0.01
+    assert d["entries"]["identity|8x4x4|8x4x4|b1|fp32"]["raw_ms"] == 0.51
+    d["version"] = 1
+    del d["overhead_ms"], d["estimated"]
+    old = LUT.from_dict(d)
+    assert old.overhead_ms == 0.0 and old.get("identity", (8, 4, 4), (8, 4, 4)) == 0.5
+
+
+def test_precision_or_batch_mismatch_refused(tmp_path):
+    v100 = LUT(latency_luts.get_target("v100"))
+    path = v100.save(tmp_path / "v100.json")
+    with pytest.raises(LutError, match=r"precision fp16 \(asked: fp32\), batch 128 \(asked: 1\)"):
+        resolve_target("cpu", Store(tmp_path / "w"), lut=path)
+    lut, where = resolve_target("v100", Store(tmp_path / "w"), lut=path)
+    assert where is None and lut.target.name == "v100"
+    d = v100.to_dict()
+    d["entries"] = {"x|1|1|b1|fp32": {"op": "x", "ms": 1.0, "batch": 1, "precision": "fp32"}}
+    with pytest.raises(LutError, match="damaged.*another precision or batch"):
+        LUT.from_dict(d)
+
+
+@pytest.fixture(scope="module")
+def small_split():
+    net = timm.create_model("test_efficientnet")
+    return split(net, model_name="test_efficientnet")
+
+
+def test_estimated_lut_and_mismatch_messages(small_split, tmp_path):
+    s = small_split
+    cands = {i: ["teacher"] for i in range(len(s.layers))}
+    lut, path = resolve_target("v100", Store(tmp_path))
+    assert path.name == "v100-estimate.json"
+    b, stem, head = layer_latencies(s, "k", cands, lut, path, progress=False)
+    assert lut.estimated and LUT.load(path).to_dict()["estimated"]
+    assert stem > 0 and head > 0 and all(x["teacher"] > 0 for x in b)
+    assert not can_measure(lut, path)
+    ro = LUT.load(path)
+    with pytest.raises(LutError, match=r"no entry for op 'stem@other' \(the stem.*another teacher"):
+        layer_latencies(s, "other", cands, ro, None)
+    more = dict(cands)
+    more[2] = ["teacher", "no_such_op"]
+    with pytest.raises(LutError, match=r"op 'no_such_op' \(layer 2 '.*', input .* -> output"):
+        layer_latencies(s, "k", more, ro, None)
+
+
+def test_target_roundtrips_through_dict():
+    t = latency_luts.get_target("t4")
+    assert Target.from_dict(json.loads(json.dumps(t.to_dict()))) == t
