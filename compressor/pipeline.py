@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from .finetune import finetune
 from .fitness import Fitness, fitness
 from .latency import can_measure, layer_latencies, measure_model, resolve_target
 from .recipe import PoolCfg, Recipe, load_recipe
-from .search import Solution, min_latency, solve
+from .search import Solution, kendall_tau, min_latency, solve
 from .split import TEACHER, Split, split
 from .store import Store, default_work_dir, digest, tensor_digest
 from .teacher import load_teacher
@@ -347,8 +348,10 @@ class Run:
             best = None
             for _ in range(max(1, cfg.verify_rounds)):
                 sols = solve(a, b, budget, k=cfg.k, overlap=cfg.overlap, solver=cfg.solver,
-                             time_limit=cfg.time_limit)
+                             time_limit=cfg.time_limit, teacher_ms=self.teacher_pred,
+                             fixed_ms=self.stem_ms + self.head_ms)
                 losses = [self._candidate_loss(sol.choices, cand, t_logits) for sol in sols]
+                tau = kendall_tau([sol.objective for sol in sols], losses)
                 j = min(range(len(sols)), key=losses.__getitem__)
                 best = sols[j]
                 pred = self.stem_ms + self.head_ms + best.latency_ms
@@ -356,6 +359,7 @@ class Run:
                 rounds.append({
                     "budget_ms": budget, "solutions": [x.to_dict() for x in sols],
                     "candidate_losses": losses, "best": j, "predicted_ms": pred,
+                    "kendall_tau": None if math.isnan(tau) else tau,
                     "measured_ms": measured,
                 })
                 if measured is None or self.teacher_measured is None:

@@ -59,7 +59,7 @@ class FitnessCfg:
 class SearchCfg:
     k: int = 20
     overlap: float = 0.7
-    solver: str = "PULP_CBC_CMD"
+    solver: str = "highs"
     time_limit: float = 20.0
     verify_rounds: int = 3
     tolerance: float = 0.03

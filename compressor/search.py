@@ -4,7 +4,30 @@
     s.t.   sum_i b_i^T z_i <= B - stem - head,   1^T z_i = 1 for all i,
            sum_i z_i^T z_i^(k') <= O  for every earlier solution k'
 
-The PuLP model is built once; each new solution adds one overlap constraint.
+The model is built once; each new solution adds one overlap row (never a rebuild). Exact
+speed-ups, none of which can change any of the K optima:
+
+* Ops are left out of the model while they provably cannot be in the next optimum, and join it
+  when they might (see `_Pool`): dominated ops (re-admitted once their dominators are used by
+  earlier solutions) and ops whose Lagrangian lower bound exceeds a known feasible solution.
+* `solver="highs"` drives HiGHS in process (no files, no subprocess): columns and rows are
+  appended to the same model; the previous optimum is a valid lower bound on the next one (each
+  row only shrinks the feasible set) and goes in as a bound row; the best solution found so far
+  that meets every overlap row (HiGHS keeps the improving solutions of every solve) is the MIP
+  start.
+* The losses are scaled to at most 1000 inside the solvers so that their absolute tolerances
+  mean the same whatever the units, well above their internal feasibility tolerances; CBC gets
+  a tiny cutoff increment (its default makes it report solutions up to ~1e-4 worse as optimal,
+  which happens at paper scale), and a HiGHS "optimal" counts only if its gap is <= 1e-6.
+
+`solver="PULP_CBC_CMD"` (CBC, bundled with PuLP) or any other PuLP solver name (e.g. `"HiGHS"`)
+goes through PuLP with the same reductions. Every solution records its status: `optimal`
+(proven within 1e-9 x the largest |a_ij|), `feasible` (found, not proven) or `time-limited`.
+
+What costs time: the LP relaxation contains the average of the earlier solutions, which meets
+every overlap row, so for larger k the LP bound is no better than the previous optimum and the
+solver has to branch to prove each new one; the proof gets harder as k grows (HANT's table 3:
+top-100 takes minutes, top-500 hours).
 """
 
 from __future__ import annotations
@@ -14,13 +37,26 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pulp
 
 from ._errors import InfeasibleError, SearchError
 
-__all__ = ["Solution", "solve", "min_latency"]
+__all__ = [
+    "Solution",
+    "solve",
+    "min_latency",
+    "fastest_speedup",
+    "kendall_tau",
+    "SOLVERS",
+]
 
 _logger = logging.getLogger(__name__)
+
+#: Solver names `solve` accepts besides any PuLP solver name.
+SOLVERS = ("highs", "PULP_CBC_CMD")
+_SCALE = 1000.0  # the solvers see losses scaled to at most this in magnitude
+_ABS_GAP = 1e-6  # "optimal" = proven within this absolute gap of the scaled objective
 
 
 @dataclass
@@ -29,10 +65,12 @@ class Solution:
     objective: float  # sum of a_ij over the chosen ops (predicted loss change)
     latency_ms: float  # LUT sum over layers (stem and head excluded)
     status: str  # optimal | feasible | time-limited
+    seconds: float = 0.0  # solver wall time spent on this solution
 
     def to_dict(self) -> dict:
         return {"choices": self.choices, "objective": self.objective,
-                "latency_ms": self.latency_ms, "status": self.status}
+                "latency_ms": self.latency_ms, "status": self.status,
+                "seconds": self.seconds}
 
 
 def min_latency(b: list[dict[str, float]]) -> float:
@@ -40,13 +78,320 @@ def min_latency(b: list[dict[str, float]]) -> float:
     return sum(min(layer.values()) for layer in b)
 
 
-def _solver(name: str, time_limit: float):
-    if name not in pulp.listSolvers(onlyAvailable=True):
-        raise SearchError(
-            f"solver '{name}' is not available; available: "
-            f"{', '.join(pulp.listSolvers(onlyAvailable=True))}"
-        )
-    return pulp.getSolver(name, msg=False, timeLimit=time_limit)
+def fastest_speedup(b: list[dict[str, float]], teacher_ms: float, fixed_ms: float = 0.0) -> float:
+    """The smallest reachable speedup (student / teacher latency) with these ops.
+
+    Args:
+        b: per layer, op name -> latency in ms.
+        teacher_ms: the teacher's predicted latency (stem and head included).
+        fixed_ms: what every student pays besides the layers (stem + head).
+    """
+    return (min_latency(b) + fixed_ms) / teacher_ms
+
+
+def kendall_tau(x: list[float], y: list[float]) -> float:
+    """Kendall's tau-b rank correlation of two equally long sequences (nan if undefined).
+
+    Used to report how well the integer program's objective ranks the evaluated losses.
+    """
+    from scipy.stats import kendalltau
+
+    if len(x) != len(y):
+        raise ValueError(f"kendall_tau needs sequences of equal length, got {len(x)} and {len(y)}")
+    if len(x) < 2:
+        return float("nan")
+    return float(kendalltau(x, y).statistic)
+
+
+class _Pool:
+    """Which ops of each layer the model must hold for the next solution to stay exact.
+
+    Two exact reductions decide it; an op joins the model once neither excludes it, and stays.
+
+    Dominance. Write j' > j when op j' is at least as good as op j in loss and latency
+    (a_j' <= a_j and b_j' <= b_j), ties broken by op order so that > is a strict partial order.
+    Let U_i be the ops that earlier solutions chose in layer i. Op j is excluded while some
+    j' > j is not in U_i. Why this is exact: take any optimal solution z of the full problem (all
+    ops, the current overlap rows). If z picks an excluded op j in layer i, some j' > j is not in
+    U_i; if j' is excluded too, it has some j'' > j' not in U_i, and so on; the chain ends (> is
+    a strict order on finitely many ops) at a non-excluded op j* > j that is not in U_i. Swapping
+    j for j* keeps loss and latency at most as high and adds no overlap with any earlier
+    solution, since none of them chose j* in layer i. So the reduced problem has the same
+    optimum. U_i only grows, so an op once needed stays needed; ops of U_i are never swapped for
+    each other (that could break an overlap row), which is why dominated ops come back.
+
+    Bound. For any lam >= 0, L(lam) + r_ij is a lower bound on the objective of every
+    solution that picks op j in layer i, where L is the Lagrangian bound of the budget row and
+    r_ij = a_ij + lam b_ij - min_j' (a_ij' + lam b_ij') (drop the overlap rows, relax the budget).
+    Given a feasible solution of value T (the best one found so far that meets every overlap
+    row), ops with bound > T cannot be in any solution better than it and are excluded. Both
+    reductions commute: j' > j implies r_ij' <= r_ij, so the swap above never brings in an op
+    the bound excludes.
+    """
+
+    def __init__(self, a: list[dict[str, float]], b: list[dict[str, float]], budget_ms: float):
+        self.names = [sorted(layer) for layer in a]
+        # the solvers see losses scaled to at most _SCALE in magnitude, so that their absolute
+        # tolerances mean the same whatever the units of a, and sit well above their internal
+        # feasibility tolerances (~1e-7)
+        top = max((abs(v) for layer in a for v in layer.values()), default=0.0)
+        self.scale = top / _SCALE if top > 0 else 1.0
+        self.a = [np.array([a[i][op] / self.scale for op in ops], dtype=float)
+                  for i, ops in enumerate(self.names)]
+        self.b = [np.array([b[i][op] for op in ops], dtype=float)
+                  for i, ops in enumerate(self.names)]
+        self.dom = []  # dom[i][p, q]: op p > op q in layer i
+        for ai, bi in zip(self.a, self.b):
+            m = len(ai)
+            weak = (ai[:, None] <= ai[None, :]) & (bi[:, None] <= bi[None, :])
+            equal = (ai[:, None] == ai[None, :]) & (bi[:, None] == bi[None, :])
+            earlier = np.arange(m)[:, None] < np.arange(m)[None, :]
+            self.dom.append(weak & (~equal | earlier))
+        self.used = [np.zeros(len(x), dtype=bool) for x in self.a]
+        self.in_model = [np.zeros(len(x), dtype=bool) for x in self.a]
+        self.bound, self.greedy = _op_bounds(self.a, self.b, budget_ms)
+
+    def admit(self, threshold: float = math.inf) -> list[tuple[int, int]]:
+        """The (layer, op) pairs neither reduction excludes at `threshold` and not yet in."""
+        new = []
+        tol = 1e-9 * (1.0 + abs(threshold)) if math.isfinite(threshold) else 0.0
+        for i, (dom, used, have) in enumerate(zip(self.dom, self.used, self.in_model)):
+            need = ~dom[~used].any(axis=0) & (self.bound[i] <= threshold + tol)
+            new.extend((i, int(j)) for j in np.flatnonzero(need & ~have))
+            have |= need
+        return new
+
+    def include(self, idx: list[int] | tuple[int, ...]) -> list[tuple[int, int]]:
+        """Ops of a given solution that are not in the model yet (they join it)."""
+        new = [(i, j) for i, j in enumerate(idx) if not self.in_model[i][j]]
+        for i, j in new:
+            self.in_model[i][j] = True
+        return new
+
+    def use(self, idx: list[int]) -> None:
+        for i, j in enumerate(idx):
+            self.used[i][j] = True
+
+    def objective(self, idx) -> float:
+        """The scaled objective of a solution (op index per layer)."""
+        return float(sum(self.a[i][j] for i, j in enumerate(idx)))
+
+    def size(self) -> int:
+        return int(sum(k.sum() for k in self.in_model))
+
+
+def _op_bounds(
+    a: list[np.ndarray], b: list[np.ndarray], budget_ms: float
+) -> tuple[list[np.ndarray], list[int] | None]:
+    """Per op, a lower bound on every solution that picks it: L(lam) + reduced cost (see _Pool).
+
+    lam is found by bisection on the subgradient of the Lagrangian dual; any lam >= 0 gives a
+    valid bound, a good one a tight one. Also returns the Lagrangian pick at the upper end of the
+    bisection, a feasible solution (None if there is none), the first solve's MIP start.
+    """
+
+    def pick(lam):
+        return [int(np.argmin(ai + lam * bi)) for ai, bi in zip(a, b)]
+
+    def slack(lam):
+        return sum(bi[j] for bi, j in zip(b, pick(lam))) - budget_ms
+
+    lo, hi = 0.0, 1.0
+    if slack(0.0) > 0:
+        while slack(hi) > 0 and hi < 1e12:
+            lo, hi = hi, hi * 4.0
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if slack(mid) > 0 else (lo, mid)
+    else:
+        hi = 0.0
+    best = None
+    for lam in (lo, hi):  # the dual optimum lies between; take the better bound
+        cost = [ai + lam * bi for ai, bi in zip(a, b)]
+        value = sum(float(c.min()) for c in cost) - (lam * budget_ms if lam else 0.0)
+        if best is None or value > best[0]:
+            best = (value, cost)
+    value, cost = best
+    greedy = pick(hi)
+    feasible = sum(bi[j] for bi, j in zip(b, greedy)) <= budget_ms
+    return [value + (c - c.min()) for c in cost], (greedy if feasible else None)
+
+
+class _Highs:
+    """Eq. 4 in one in-process HiGHS model, grown by columns (admitted ops) and rows."""
+
+    def __init__(self, pool: _Pool, budget_ms: float, time_limit: float, gap: float = 0.0):
+        import highspy
+
+        self.hs = highspy
+        h = highspy.Highs()
+        for key, value in (("output_flag", False), ("threads", 1), ("mip_rel_gap", gap),
+                           ("mip_abs_gap", _ABS_GAP), ("time_limit", float(time_limit)),
+                           ("random_seed", 0), ("mip_improving_solution_save", True),
+                           ("mip_heuristic_effort", 0.01)):
+            h.setOptionValue(key, value)
+        self.h, self.pool, self.n = h, pool, len(pool.a)
+        inf = highspy.kHighsInf
+        none_i, none_f = np.array([], dtype=np.int32), np.array([])
+        # rows 0..n-1: one op per layer; row n: budget; row n+1: objective >= previous optimum
+        h.addRows(self.n, np.ones(self.n), np.ones(self.n), 0, np.zeros(self.n, dtype=np.int32),
+                  none_i, none_f)
+        h.addRow(-inf, float(budget_ms), 0, none_i, none_f)
+        h.addRow(-inf, inf, 0, none_i, none_f)
+        self.col: dict[tuple[int, int], int] = {}
+        self.op: list[tuple[int, int]] = []
+
+    def add_ops(self, ops: list[tuple[int, int]]) -> None:
+        if not ops:
+            return
+        n, h = self.n, self.h
+        first = h.getNumCol()
+        for i, j in ops:
+            a, b = float(self.pool.a[i][j]), float(self.pool.b[i][j])
+            h.addCol(a, 0.0, 1.0, 3, np.array([i, n, n + 1], dtype=np.int32),
+                     np.array([1.0, b, a]))
+            self.col[(i, j)] = len(self.op)
+            self.op.append((i, j))
+        cols = np.arange(first, first + len(ops), dtype=np.int32)
+        h.changeColsIntegrality(len(ops), cols,
+                                np.array([self.hs.HighsVarType.kInteger] * len(ops)))
+
+    def add_overlap(self, idx: list[int], limit: int) -> None:
+        cols = np.array([self.col[(i, j)] for i, j in enumerate(idx)], dtype=np.int32)
+        self.h.addRow(-self.hs.kHighsInf, float(limit), len(cols), cols, np.ones(len(cols)))
+
+    def lower_bound(self, value: float) -> None:
+        # the previous optimum, less a margin for rounding in the solver
+        margin = _ABS_GAP
+        self.h.changeRowBounds(self.n + 1, value - margin, self.hs.kHighsInf)
+
+    def set_time_limit(self, seconds: float) -> None:
+        self.h.setOptionValue("time_limit", float(seconds))
+
+    def start(self, idx: tuple[int, ...]) -> None:
+        cols = np.array([self.col[(i, j)] for i, j in enumerate(idx)], dtype=np.int32)
+        self.h.setSolution(len(cols), cols, np.ones(len(cols)))
+
+    def _decode(self, x) -> list[int] | None:
+        idx = [-1] * self.n
+        for c in np.flatnonzero(np.asarray(x) > 0.5):
+            i, j = self.op[int(c)]
+            idx[i] = j
+        return None if -1 in idx else idx
+
+    def run(self) -> tuple[str, list[int] | None, list[list[int]]]:
+        h, hs = self.h, self.hs
+        h.run()
+        found = [x for x in (self._decode(s.col_value) for s in h.getSavedMipSolutions()) if x]
+        ms = h.getModelStatus()
+        if h.getInfo().primal_solution_status != 2:  # no feasible point
+            if ms == hs.HighsModelStatus.kInfeasible:
+                return "infeasible", None, found
+            if ms == hs.HighsModelStatus.kTimeLimit:
+                return "time-limited", None, found
+            return h.modelStatusToString(ms), None, found
+        idx = self._decode(h.getSolution().col_value)
+        info = h.getInfo()
+        proven = abs(info.objective_function_value - info.mip_dual_bound) <= 2 * _ABS_GAP
+        if ms == hs.HighsModelStatus.kOptimal and proven:
+            status = "optimal"
+        elif ms == hs.HighsModelStatus.kTimeLimit:
+            status = "time-limited"
+        else:
+            status = "feasible"
+            _logger.info("HiGHS stopped with %s, objective %.12g, dual bound %.12g",
+                         h.modelStatusToString(ms), info.objective_function_value,
+                         info.mip_dual_bound)
+        return status, idx, found
+
+
+class _Pulp:
+    """Eq. 4 as one PuLP model: every op is a variable, ops not admitted get an upper bound 0."""
+
+    def __init__(self, pool: _Pool, budget_ms: float, solver: str, time_limit: float,
+                 gap: float = 0.0):
+        available = pulp.listSolvers(onlyAvailable=True)
+        if solver not in available:
+            raise SearchError(
+                f"solver '{solver}' is not available; use 'highs' or one of: {', '.join(available)}"
+            )
+        kw = {"msg": False, "timeLimit": time_limit, "gapRel": gap, "gapAbs": _ABS_GAP}
+        if solver in ("PULP_CBC_CMD", "HiGHS", "HiGHS_CMD"):
+            kw["threads"] = 1
+        if solver in ("PULP_CBC_CMD", "COIN_CMD"):
+            # CBC prunes nodes that cannot improve by its cutoff increment (about 1e-4 by
+            # default) and then reports a worse solution as optimal: losses differ by less
+            kw["options"] = ["increment 1e-10"]
+        self.solver = pulp.getSolver(solver, **kw)
+        self.time_limit, self.pool, self.n, self.gap = time_limit, pool, len(pool.a), gap
+        prob = pulp.LpProblem("hant", pulp.LpMinimize)
+        z = {(i, j): pulp.LpVariable(f"z_{i}_{j}", 0, 0, cat="Binary")
+             for i, names in enumerate(pool.names) for j in range(len(names))}
+        prob += pulp.lpSum(float(pool.a[i][j]) * v for (i, j), v in z.items())
+        prob += pulp.lpSum(float(pool.b[i][j]) * v for (i, j), v in z.items()) <= budget_ms, \
+            "budget"
+        for i, names in enumerate(pool.names):
+            prob += pulp.lpSum(z[(i, j)] for j in range(len(names))) == 1, f"one_{i}"
+        self.prob, self.z, self.rows = prob, z, 0
+
+    def add_ops(self, ops: list[tuple[int, int]]) -> None:
+        for key in ops:
+            self.z[key].upBound = 1
+
+    def add_overlap(self, idx: list[int], limit: int) -> None:
+        self.prob += pulp.lpSum(self.z[(i, j)] for i, j in enumerate(idx)) <= limit, \
+            f"overlap_{self.rows}"
+        self.rows += 1
+
+    def lower_bound(self, value: float) -> None:
+        pass  # an objective-parallel row only slows CBC down
+
+    def set_time_limit(self, seconds: float) -> None:
+        self.solver.timeLimit = self.time_limit = seconds
+
+    def start(self, idx: tuple[int, ...]) -> None:
+        pass  # a MIP start would go through a file; not worth it
+
+    def run(self) -> tuple[str, list[int] | None, list[list[int]]]:
+        t0 = time.perf_counter()
+        try:
+            status = self.prob.solve(self.solver)
+        except pulp.PulpSolverError as exc:
+            raise SearchError(f"the solver failed: {exc}") from exc
+        elapsed = time.perf_counter() - t0
+        if self.prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+            if status == pulp.LpStatusInfeasible:
+                return "infeasible", None, []
+            return pulp.LpStatus[status], None, []
+        idx = [-1] * self.n
+        for (i, j), v in self.z.items():
+            if (v.value() or 0) > 0.5:
+                idx[i] = j
+        if elapsed >= self.time_limit * 0.99:
+            return "time-limited", idx, []
+        optimal = self.prob.sol_status == pulp.LpSolutionOptimal and self.gap == 0
+        return ("optimal" if optimal else "feasible"), idx, []
+
+
+def _check(a, b, budget_ms, k, overlap, teacher_ms, fixed_ms) -> None:
+    if len(a) != len(b) or any(set(x) != set(y) for x, y in zip(a, b)):
+        raise SearchError("a and b must list the same ops for the same layers")
+    if not a or any(not layer for layer in a):
+        raise SearchError("every layer needs at least one candidate op")
+    if k < 1:
+        raise SearchError(f"k must be at least 1, got {k}")
+    if not 0 < overlap <= 1:
+        raise SearchError(f"overlap must be in (0, 1], got {overlap}")
+    floor_ms = min_latency(b)
+    if budget_ms < floor_ms - 1e-9:
+        msg = (f"the layers' latency budget {budget_ms:.3f} ms is below the fastest reachable "
+               f"{floor_ms:.3f} ms (every layer on its fastest op)")
+        if teacher_ms:
+            s = fastest_speedup(b, teacher_ms, fixed_ms)
+            msg += f"; the fastest reachable speedup is {s:.4f}: ask for at least that"
+        else:
+            msg += "; raise the budget or add faster ops to the pool"
+        raise InfeasibleError(msg)
 
 
 def solve(
@@ -57,61 +402,150 @@ def solve(
     overlap: float = 0.7,
     solver: str = "PULP_CBC_CMD",
     time_limit: float = 20.0,
+    teacher_ms: float | None = None,
+    fixed_ms: float = 0.0,
+    total_time_limit: float | None = None,
+    gap: float = 0.0,
 ) -> list[Solution]:
     """Up to `k` solutions, each overlapping every earlier one in at most floor(overlap*N) layers.
+
+    Solution k is optimal for Eq. 4 with the overlap rows of solutions 1..k-1 (when its status
+    says `optimal`). Fewer than `k` come back when no further diverse solution exists, or when
+    the solver finds none within the time limit.
 
     Args:
         a: per layer, op name -> fitness (loss change; lower is better).
         b: per layer, op name -> latency in ms (same keys as `a`).
         budget_ms: latency budget for the layers (stem and head already subtracted).
+        k: number of solutions (K in the paper).
+        overlap: O as a fraction of the number of layers N.
+        solver: "highs" (HiGHS in process, fastest), "PULP_CBC_CMD" (CBC through PuLP) or any
+            other available PuLP solver name (e.g. "HiGHS").
+        time_limit: seconds per solution.
+        teacher_ms: the teacher's predicted latency; only used to state the fastest reachable
+            speedup when the budget is infeasible.
+        fixed_ms: stem + head latency (with `teacher_ms`, for that message).
+        total_time_limit: stop looking for more solutions after this many seconds in all (the
+            last one gets what is left, and is `time-limited` if that stops it).
+        gap: relative optimality gap at which the solver may stop (0: prove every optimum). A
+            solution is `optimal` only if proven within 1e-9 x the largest |a_ij|;
+            one accepted within a larger gap is `feasible`.
+
+    Returns:
+        The solutions in the order found (objectives non-decreasing while all are optimal).
+
+    Raises:
+        InfeasibleError: the budget is below `min_latency(b)`.
+        SearchError: bad input, unknown solver, or no first solution within the time limit.
     """
+    _check(a, b, budget_ms, k, overlap, teacher_ms, fixed_ms)
+    if not 0 <= gap < 1:
+        raise SearchError(f"gap must be in [0, 1), got {gap}")
     n = len(a)
-    floor_ms = min_latency(b)
-    if budget_ms < floor_ms - 1e-9:
-        raise InfeasibleError(
-            f"the layers' latency budget {budget_ms:.3f} ms is below the fastest reachable "
-            f"{floor_ms:.3f} ms"
-        )
-    prob = pulp.LpProblem("hant", pulp.LpMinimize)
-    z = {
-        (i, op): pulp.LpVariable(f"z_{i}_{j}", cat="Binary")
-        for i in range(n)
-        for j, op in enumerate(sorted(a[i]))
-    }
-    prob += pulp.lpSum(a[i][op] * v for (i, op), v in z.items())
-    prob += pulp.lpSum(b[i][op] * v for (i, op), v in z.items()) <= budget_ms, "budget"
-    for i in range(n):
-        prob += pulp.lpSum(v for (li, _), v in z.items() if li == i) == 1, f"one_{i}"
-    limit = math.floor(overlap * n)
-    sol_solver = _solver(solver, time_limit)
+    limit = math.floor(overlap * n + 1e-9)
+    pool = _Pool(a, b, budget_ms)
+    if solver.lower() == "highs":
+        model = _Highs(pool, budget_ms, time_limit, gap)
+    else:
+        model = _Pulp(pool, budget_ms, solver, time_limit, gap)
+    seen = _Incumbents(pool, budget_ms)
+    if pool.greedy is not None:
+        seen.add([pool.greedy])
     out: list[Solution] = []
+    began = time.perf_counter()
     for s in range(k):
         t0 = time.perf_counter()
-        status = prob.solve(sol_solver)
+        if total_time_limit is not None:
+            left = total_time_limit - (t0 - began)
+            if left <= 0 and out:
+                _logger.info("stopped after %d solutions: total time limit", s)
+                break
+            model.set_time_limit(max(0.01, min(time_limit, left)))
+        status, idx = _next_solution(model, pool, seen)
         elapsed = time.perf_counter() - t0
-        found = prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
-        if not found:
+        if idx is None:
             if s == 0:
-                raise SearchError(f"the integer program is {pulp.LpStatus[status]}")
-            _logger.info("stopped after %d solutions: %s", s, pulp.LpStatus[status])
+                if status == "time-limited":
+                    raise SearchError(f"no solution found within time_limit={time_limit} s; "
+                                      "raise the time limit")
+                raise SearchError(f"the integer program is {status}")
+            _logger.info("stopped after %d solutions: %s", s, status)
             break
-        choices = []
-        for i in range(n):
-            chosen = [op for (li, op), v in z.items() if li == i and (v.value() or 0) > 0.5]
-            choices.append(chosen[0])
-        if elapsed >= time_limit * 0.99:
-            sol_status = "time-limited"
-        elif prob.sol_status == pulp.LpSolutionOptimal:
-            sol_status = "optimal"
-        else:
-            sol_status = "feasible"
-        out.append(
-            Solution(
-                choices,
-                float(sum(a[i][c] for i, c in enumerate(choices))),
-                float(sum(b[i][c] for i, c in enumerate(choices))),
-                sol_status,
-            )
-        )
-        prob += pulp.lpSum(z[(i, c)] for i, c in enumerate(choices)) <= limit, f"overlap_{s}"
+        choices = [pool.names[i][j] for i, j in enumerate(idx)]
+        out.append(Solution(
+            choices,
+            float(sum(a[i][c] for i, c in enumerate(choices))),
+            float(sum(b[i][c] for i, c in enumerate(choices))),
+            status,
+            elapsed,
+        ))
+        _logger.info("solution %d: %s, objective %.9g, %.3f s, %d ops in the model", s + 1,
+                     status, out[-1].objective, elapsed, pool.size())
+        if status == "optimal":
+            model.lower_bound(pool.objective(idx))
+        pool.use(idx)
+        model.add_overlap(idx, limit)
+        seen.cut(idx, limit)
+    _logger.info("%d solutions with %d of %d ops in the model", len(out), pool.size(),
+                 sum(len(x) for x in a))
     return out
+
+
+class _Incumbents:
+    """Every solution a solver has found so far, and which of them meet every overlap row."""
+
+    def __init__(self, pool: _Pool, budget_ms: float):
+        self.pool, self.budget = pool, budget_ms
+        self.x = np.zeros((0, len(pool.a)), dtype=np.int64)
+        self.value = np.zeros(0)
+        self.ok = np.zeros(0, dtype=bool)
+        self.rows: list[np.ndarray] = []
+        self.limit = len(pool.a)
+
+    def add(self, solutions: list[list[int]]) -> None:
+        known = {tuple(r) for r in self.x.tolist()}
+        new = [x for x in {tuple(x) for x in solutions} - known
+               if sum(self.pool.b[i][j] for i, j in enumerate(x)) <= self.budget]
+        if not new:
+            return
+        x = np.array(new, dtype=np.int64)
+        ok = np.ones(len(x), dtype=bool)
+        for row in self.rows:
+            ok &= (x == row).sum(axis=1) <= self.limit
+        self.x = np.vstack([self.x, x])
+        self.value = np.concatenate([self.value, [self.pool.objective(r) for r in new]])
+        self.ok = np.concatenate([self.ok, ok])
+
+    def cut(self, idx: list[int], limit: int) -> None:
+        row = np.array(idx, dtype=np.int64)
+        self.rows.append(row)
+        self.limit = limit
+        self.ok &= (self.x == row).sum(axis=1) <= limit
+
+    def best(self) -> tuple[tuple[int, ...], float] | None:
+        if not self.ok.any():
+            return None
+        r = int(np.flatnonzero(self.ok)[np.argmin(self.value[self.ok])])
+        return tuple(int(v) for v in self.x[r]), float(self.value[r])
+
+
+def _next_solution(model, pool: _Pool, seen: _Incumbents) -> tuple[str, list[int] | None]:
+    """Solve for the next solution with the smallest model that provably keeps it optimal."""
+    start = seen.best()
+    threshold = start[1] if start else math.inf
+    model.add_ops(pool.admit(threshold))
+    if start:
+        model.add_ops(pool.include(start[0]))
+        model.start(start[0])
+    status, idx, found = model.run()
+    seen.add(found + ([idx] if idx else []))
+    if math.isfinite(threshold) and (
+        status == "infeasible"
+        or (status == "optimal" and pool.objective(idx) > threshold + _ABS_GAP)
+    ):
+        # cannot happen in exact arithmetic (the start is in the model); stay exact regardless
+        _logger.warning("bound reduction cut off the optimum; solving with every needed op")
+        model.add_ops(pool.admit())
+        status, idx, found = model.run()
+        seen.add(found + ([idx] if idx else []))
+    return status, idx
