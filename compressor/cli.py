@@ -62,7 +62,11 @@ def _run_options(fn):
                      help="A LUT file built with `hant lut build` (with --target: must match "
                           "its precision and batch)."),
         click.option("--speedup", default="0.5", show_default=True,
-                     help="Student latency / teacher latency, in (0, 1); 0.5 = twice as fast."),
+                     help="Student latency / teacher latency, in (0, 1); 0.5 = twice as fast. "
+                          "A list (0.25,0.5,0.75) also writes a front; the model written is the "
+                          "first one's."),
+        click.option("--search", "search_method", type=click.Choice(["ip", "nsga2"]),
+                     default=None, help="Integer program (Eq. 4) or NSGA-II [default: recipe]."),
         click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
                      help="Teacher weights (safetensors or torch file, loaded weights-only)."),
         click.option("--recipe", default=None,
@@ -82,16 +86,21 @@ def _run_options(fn):
     return fn
 
 
-def _make_run(model, data, target, lut, speedup, checkpoint, recipe, work_dir, val_data, k,
-              random_init, quiet):
+def _make_run(model, data, target, lut, speedup, search_method, checkpoint, recipe, work_dir,
+              val_data, k, random_init, quiet):
     from .pipeline import Run
-    from .recipe import list_recipes
+    from .recipe import list_recipes, load_recipe
 
     _setup_logging(quiet)
     if recipe is None:
         named = f"{model}-{target or 'cpu'}"
         recipe = named if named in list_recipes() else "default"
-    return Run(model, data, target, speedup, lut=lut, checkpoint=checkpoint,
+    recipe = load_recipe(recipe)
+    if search_method:
+        recipe = recipe.override("search", method=search_method)
+    speedups = [v.strip() for v in str(speedup).split(",")]
+    return Run(model, data, target, speedups if len(speedups) > 1 else speedups[0], lut=lut,
+               checkpoint=checkpoint,
                recipe=recipe, work_dir=work_dir, val_data=val_data, random_init=random_init,
                progress=not quiet, k=k)
 
@@ -121,8 +130,8 @@ def _summary(report: dict) -> str:
               help="Upload the written folder to the Hugging Face Hub (token from HF_TOKEN).")
 @click.option("--no-onnx", is_flag=True, help="Do not write onnx/model.onnx.")
 @_handle_errors
-def compress_main(model, data, target, lut, speedup, checkpoint, recipe, work_dir, val_data, k,
-                  random_init, quiet, output, push_to_hub, no_onnx):
+def compress_main(model, data, target, lut, speedup, search_method, checkpoint, recipe, work_dir,
+                  val_data, k, random_init, quiet, output, push_to_hub, no_onnx):
     """Compress MODEL (a timm name) to SPEEDUP x its latency on TARGET.
 
     \b
@@ -132,8 +141,8 @@ def compress_main(model, data, target, lut, speedup, checkpoint, recipe, work_di
     """
     from .publish import push_to_hub as push
 
-    run = _make_run(model, data, target, lut, speedup, checkpoint, recipe, work_dir, val_data,
-                    k, random_init, quiet)
+    run = _make_run(model, data, target, lut, speedup, search_method, checkpoint, recipe,
+                    work_dir, val_data, k, random_init, quiet)
     result = run.all()
     out = result.save_pretrained(output, onnx=not no_onnx)
     click.echo(_summary(result.report))
@@ -246,10 +255,10 @@ def _phase_command(name: str, doc: str):
     @hant.command(name, help=doc)
     @_run_options
     @_handle_errors
-    def cmd(model, data, target, lut, speedup, checkpoint, recipe, work_dir, val_data, k,
-            random_init, quiet):
-        run = _make_run(model, data, target, lut, speedup, checkpoint, recipe, work_dir,
-                        val_data, k, random_init, quiet)
+    def cmd(model, data, target, lut, speedup, search_method, checkpoint, recipe, work_dir,
+            val_data, k, random_init, quiet):
+        run = _make_run(model, data, target, lut, speedup, search_method, checkpoint, recipe,
+                        work_dir, val_data, k, random_init, quiet)
         if name == "distill":
             res = run.distill()
             failed = [r for r in res.values() if r.status != "ok"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,10 @@ def scan_images(root: str | Path) -> ImageSet:
     if not root.is_dir():
         raise DataError(f"--data {root} is not a folder; pass a folder of images")
     paths = sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        Path(d) / f
+        for d, _, files in os.walk(root, followlinks=True)  # symlinked class folders too
+        for f in files
+        if Path(f).suffix.lower() in IMAGE_EXTENSIONS
     )
     if not paths:
         raise DataError(

@@ -18,10 +18,11 @@ from torch import nn
 
 import ops_pool
 
-from ._errors import CompressorError, InfeasibleError
+from ._errors import CompressorError, InfeasibleError, SearchError
 from .data import Images, load_images, scan_images, split_indices
 from .distill import OpResult, distill, load_op
 from .evaluate import evaluate, mean_loss, predict
+from .evolution import nsga2
 from .finetune import finetune
 from .fitness import Fitness, fitness
 from .latency import can_measure, layer_latencies, measure_model, resolve_target
@@ -119,7 +120,7 @@ class Run:
         model: str | nn.Module,
         data: str | Path,
         target: str | None = "cpu",
-        speedup: float = 0.5,
+        speedup: float | list[float] = 0.5,
         *,
         lut: str | Path | None = None,
         checkpoint: str | Path | None = None,
@@ -132,7 +133,11 @@ class Run:
         k: int | None = None,
     ):
         # cheap checks first, so a bad input fails before any work
-        self.speedup = check_speedup(speedup)
+        values = speedup if isinstance(speedup, (list, tuple)) else [speedup]
+        if not values:
+            raise CompressorError("--speedup needs at least one value in (0, 1)")
+        self.speedups = [check_speedup(v) for v in values]
+        self.speedup = self.speedups[0]  # the model written out is the first one's
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         if k is not None:
             self.recipe = self.recipe.override("search", k=int(k))
@@ -347,12 +352,7 @@ class Run:
             rounds = []
             best = None
             for _ in range(max(1, cfg.verify_rounds)):
-                sols = solve(a, b, budget, k=cfg.k, overlap=cfg.overlap, solver=cfg.solver,
-                             time_limit=cfg.time_limit, teacher_ms=self.teacher_pred,
-                             fixed_ms=self.stem_ms + self.head_ms)
-                losses = [self._candidate_loss(sol.choices, cand, t_logits) for sol in sols]
-                tau = kendall_tau([sol.objective for sol in sols], losses)
-                j = min(range(len(sols)), key=losses.__getitem__)
+                sols, losses, tau, j = self._solve_and_rank(a, b, budget, cand, t_logits)
                 best = sols[j]
                 pred = self.stem_ms + self.head_ms + best.latency_ms
                 measured = self._measure_student(best.choices)
@@ -374,10 +374,55 @@ class Run:
                     break
                 _logger.info("measured speedup %.3f misses %.3f; tightening the budget",
                              got, self.speedup)
-            rec.update(prefilter=pre, rounds=len(rounds))
+            rec.update(prefilter=pre, rounds=len(rounds), method=cfg.method)
             self.search_rounds = rounds
             self.best = best
+            if len(self.speedups) > 1:
+                self.front = self._front(a, b, cand, t_logits, rounds[0])
         return best
+
+    def _solve_and_rank(self, a, b, budget, cand: Images, t_logits):
+        """K architectures (integer program, or NSGA-II), each evaluated with its distilled
+        weights on `cand`; returns (solutions, losses, Kendall tau, index of the best)."""
+        cfg = self.recipe.search
+        if cfg.method == "nsga2":
+            sols = nsga2(a, b, budget, pop_size=cfg.pop_size, generations=cfg.generations,
+                         seed=self.recipe.data.seed, time_limit=cfg.time_limit)[: cfg.k]
+            if not sols:
+                raise SearchError("NSGA-II found no architecture within the budget; use the "
+                                  "integer program (--search ip) or a larger budget")
+        else:
+            sols = solve(a, b, budget, k=cfg.k, overlap=cfg.overlap, solver=cfg.solver,
+                         time_limit=cfg.time_limit, teacher_ms=self.teacher_pred,
+                         fixed_ms=self.stem_ms + self.head_ms)
+        losses = [self._candidate_loss(sol.choices, cand, t_logits) for sol in sols]
+        tau = kendall_tau([sol.objective for sol in sols], losses)
+        j = min(range(len(sols)), key=losses.__getitem__)
+        return sols, losses, tau, j
+
+    def _front(self, a, b, cand: Images, t_logits, first_round: dict) -> dict:
+        """Best architecture per requested speedup, all from the same pool and LUT."""
+        fixed = self.stem_ms + self.head_ms
+        points = []
+        for sp in self.speedups:
+            if sp == self.speedup:
+                j = first_round["best"]
+                sol = first_round["solutions"][j]
+                points.append({"speedup_requested": sp, "latency_ms": fixed + sol["latency_ms"],
+                               "loss": first_round["candidate_losses"][j],
+                               "choices": sol["choices"]})
+                continue
+            try:
+                sols, losses, _, j = self._solve_and_rank(
+                    a, b, sp * self.teacher_pred - fixed, cand, t_logits)
+            except SearchError as e:  # InfeasibleError included: the point says why
+                points.append({"speedup_requested": sp, "latency_ms": None, "loss": None,
+                               "choices": None, "error": str(e)})
+                continue
+            points.append({"speedup_requested": sp, "latency_ms": fixed + sols[j].latency_ms,
+                           "loss": losses[j], "choices": sols[j].choices})
+        teacher = {"latency_ms": self.teacher_pred, "loss": mean_loss(t_logits, cand, t_logits)}
+        return {"points": points, "teacher": teacher}
 
     def _candidate_loss(self, choices, images: Images, t_logits) -> float:
         model = self._assemble(choices).eval()
@@ -478,6 +523,7 @@ class Run:
                                                                     self.skipped[:20]},
             "distill": {"failed_ops": self.failed_ops},
             "search": {"rounds": self.search_rounds},
+            "front": getattr(self, "front", None),
             "phases": self.phases,
             "notes": self.notes,
         }

@@ -122,6 +122,10 @@ def save_pretrained(
         (tmp / "README.md").write_text(model_card(report))
         if onnx:
             export_onnx(model, input_size, tmp / "onnx" / "model.onnx")
+        if report.get("front"):
+            from .front import write_front
+
+            write_front(report["front"]["points"], report["front"]["teacher"], tmp)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
         old = None
         if out_dir.exists():

@@ -60,6 +60,9 @@ class SearchCfg:
     k: int = 20
     overlap: float = 0.7
     solver: str = "highs"
+    method: str = "ip"  # ip (Eq. 4) | nsga2 (DONNA-style evolutionary search)
+    pop_size: int = 64
+    generations: int = 100
     time_limit: float = 20.0
     verify_rounds: int = 3
     tolerance: float = 0.03
@@ -174,7 +177,11 @@ def load_recipe(name_or_path: str = "default") -> Recipe:
     return recipe
 
 
-_CHOICES = {("distill", "optimizer"): ("sgd", "adam"), ("distill", "loss"): ("mse",)}
+_CHOICES = {
+    ("distill", "optimizer"): ("sgd", "adam"),
+    ("distill", "loss"): ("mse",),
+    ("search", "method"): ("ip", "nsga2"),
+}
 
 
 def _validate(recipe: Recipe, source: str) -> None:

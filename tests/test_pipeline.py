@@ -122,3 +122,22 @@ def test_interrupted_distillation_resumes(run_result, monkeypatch):
     res = run2.distill()
     assert len(trained) == len(res) - len(saved)  # only what was missing was trained
     assert not list(work.rglob("*.tmp"))  # no half-written artifact
+
+
+def test_speedup_list_writes_a_front_and_nsga2_runs(run_result, tmp_path):
+    d = run_result
+    recipe = d["kwargs"]["recipe"].override("search", method="nsga2", pop_size=16,
+                                              generations=10)
+    kwargs = dict(d["kwargs"], recipe=recipe)
+    result = compressor.compress(d["teacher"], d["data"], "cpu", [0.6, 0.8, 0.02],
+                                 output=tmp_path / "out", **kwargs)
+    front = result.report["front"]
+    sp = [p["speedup_requested"] for p in front["points"]]
+    assert sp == [0.6, 0.8, 0.02]
+    assert front["points"][0]["choices"] == result.report["student"]["choices"]
+    assert front["points"][1]["latency_ms"] <= 0.8 * front["teacher"]["latency_ms"] + 1e-9
+    assert front["points"][2]["loss"] is None and "budget" in front["points"][2]["error"]
+    assert result.report["phases"]["search"]["method"] == "nsga2"
+    for name in ("front.png", "front.csv", "front.md"):
+        assert (tmp_path / "out" / name).is_file()
+    assert (tmp_path / "out" / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
