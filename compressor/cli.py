@@ -67,6 +67,9 @@ def _run_options(fn):
                           "first one's."),
         click.option("--search", "search_method", type=click.Choice(["ip", "nsga2"]),
                      default=None, help="Integer program (Eq. 4) or NSGA-II [default: recipe]."),
+        click.option("--distill-loss", type=click.Choice(["mse", "nsr"]), default=None,
+                     help="MSE (Eq. 2) or DONNA's per-channel noise-to-signal ratio "
+                          "[default: recipe]."),
         click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
                      help="Teacher weights (safetensors or torch file, loaded weights-only)."),
         click.option("--recipe", default=None,
@@ -86,8 +89,8 @@ def _run_options(fn):
     return fn
 
 
-def _make_run(model, data, target, lut, speedup, search_method, checkpoint, recipe, work_dir,
-              val_data, k, random_init, quiet):
+def _make_run(model, data, target, lut, speedup, search_method, distill_loss, checkpoint, recipe,
+              work_dir, val_data, k, random_init, quiet):
     from .pipeline import Run
     from .recipe import list_recipes, load_recipe
 
@@ -96,8 +99,8 @@ def _make_run(model, data, target, lut, speedup, search_method, checkpoint, reci
         named = f"{model}-{target or 'cpu'}"
         recipe = named if named in list_recipes() else "default"
     recipe = load_recipe(recipe)
-    if search_method:
-        recipe = recipe.override("search", method=search_method)
+    recipe = recipe.override("search", method=search_method)  # None values are ignored
+    recipe = recipe.override("distill", loss=distill_loss)
     speedups = [v.strip() for v in str(speedup).split(",")]
     return Run(model, data, target, speedups if len(speedups) > 1 else speedups[0], lut=lut,
                checkpoint=checkpoint,
@@ -130,8 +133,7 @@ def _summary(report: dict) -> str:
               help="Upload the written folder to the Hugging Face Hub (token from HF_TOKEN).")
 @click.option("--no-onnx", is_flag=True, help="Do not write onnx/model.onnx.")
 @_handle_errors
-def compress_main(model, data, target, lut, speedup, search_method, checkpoint, recipe, work_dir,
-                  val_data, k, random_init, quiet, output, push_to_hub, no_onnx):
+def compress_main(output, push_to_hub, no_onnx, **opts):
     """Compress MODEL (a timm name) to SPEEDUP x its latency on TARGET.
 
     \b
@@ -141,8 +143,7 @@ def compress_main(model, data, target, lut, speedup, search_method, checkpoint, 
     """
     from .publish import push_to_hub as push
 
-    run = _make_run(model, data, target, lut, speedup, search_method, checkpoint, recipe,
-                    work_dir, val_data, k, random_init, quiet)
+    run = _make_run(**opts)
     result = run.all()
     out = result.save_pretrained(output, onnx=not no_onnx)
     click.echo(_summary(result.report))
@@ -255,10 +256,8 @@ def _phase_command(name: str, doc: str):
     @hant.command(name, help=doc)
     @_run_options
     @_handle_errors
-    def cmd(model, data, target, lut, speedup, search_method, checkpoint, recipe, work_dir,
-            val_data, k, random_init, quiet):
-        run = _make_run(model, data, target, lut, speedup, search_method, checkpoint, recipe,
-                        work_dir, val_data, k, random_init, quiet)
+    def cmd(**opts):
+        run = _make_run(**opts)
         if name == "distill":
             res = run.distill()
             failed = [r for r in res.values() if r.status != "ok"]

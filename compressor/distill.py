@@ -81,10 +81,6 @@ def distill(
     """Train every (layer, op) in `candidates` (except ``teacher``); resumes from `root`."""
     from tqdm import tqdm
 
-    if cfg.loss != "mse":
-        raise NotImplementedError(
-            f"distillation loss '{cfg.loss}' is not built yet; use loss: mse"
-        )
     results: dict[tuple[int, str], OpResult] = {}
     pending: dict[int, list[str]] = {}
     for i, ops in candidates.items():
@@ -128,6 +124,20 @@ def _layer_scales(split: Split, x: torch.Tensor) -> list[float]:
     return [max(float(a.pow(2).mean()), 1e-6) for a in acts[1:]]
 
 
+def _loss(kind: str, out: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+    """``mse``: Eq. 2's MSE, divided by the layer's constant mean square (one lr for all layers).
+    ``nsr``: DONNA's per-channel noise-to-signal ratio, mean over channels (channels are dim 1
+    of conv maps (B, C, H, W) and the last dim of tokens (B, T, D))."""
+    if kind == "mse":
+        return F.mse_loss(out, target) / scale
+    if kind == "nsr":
+        dims = (0, 2, 3) if target.dim() == 4 else tuple(range(target.dim() - 1))
+        noise = (out - target).pow(2).sum(dims)
+        signal = target.pow(2).sum(dims).clamp_min(1e-8)
+        return (noise / signal).mean()
+    raise ValueError(f"distill.loss must be mse or nsr, got {kind!r}")
+
+
 def _optimizer(cfg: DistillCfg, params) -> torch.optim.Optimizer:
     """SGD without weight decay (the paper's choice), or Adam for small calibration sets where
     only a few hundred steps are possible."""
@@ -162,7 +172,7 @@ def _train_group(split, group, images: Images, cfg: DistillCfg, bs, scale, bar):
                     continue
                 i = key[0]
                 out = m(acts[i])
-                loss = F.mse_loss(out, acts[i + 1]) / scale[i]
+                loss = _loss(cfg.loss, out, acts[i + 1], scale[i])
                 if not torch.isfinite(loss):
                     failed[key] = f"non-finite loss at epoch {epoch}, batch {s // bs}"
                     _logger.warning("op %s on layer %d diverged: %s", key[1], i, failed[key])

@@ -307,6 +307,9 @@ class Run:
             1 for i, ops in self.candidates.items() for op in ops
             if self.b[i][op] > self.b[i][TEACHER]
         )
+        dominated = 0
+        if self.recipe.fitness.donnav2_filter:
+            by_latency, dominated = self._donnav2(by_latency)
         limit = self.recipe.fitness.max_accuracy_drop
         by_acc = [
             {op: a for op, a in layer.items() if fit.acc_drop[i][op] <= limit}
@@ -318,6 +321,7 @@ class Run:
             "candidates": sum(len(x) for x in self.candidates.values()),
             "removed_slower_than_teacher": slower,
             "removed_failed_distillation": len(self.failed_ops),
+            "removed_dominated_donnav2": dominated,
             "removed_accuracy_drop": sum(len(x) for x in by_latency)
             - sum(len(x) for x in by_acc),
             "accuracy_filter_applied": True,
@@ -333,6 +337,25 @@ class Run:
             _logger.warning(note)
         info["kept"] = sum(len(x) for x in keep)
         return keep, info
+
+    def _donnav2(self, layers: list[dict[str, float]]) -> tuple[list[dict[str, float]], int]:
+        """DONNAv2's filter: drop an op when another op of the same layer is at least as good in
+        distillation loss and latency and better in one (the teacher counts with loss 0)."""
+        out, removed = [], 0
+        for i, layer in enumerate(layers):
+            loss = {op: 0.0 if op == TEACHER else self.distilled[(i, op)].loss for op in layer}
+            keep = {}
+            for op, a in layer.items():
+                if any(
+                    loss[o] <= loss[op] and self.b[i][o] <= self.b[i][op]
+                    and (loss[o] < loss[op] or self.b[i][o] < self.b[i][op])
+                    for o in layer if o != op
+                ):
+                    removed += 1
+                else:
+                    keep[op] = a
+            out.append(keep)
+        return out, removed
 
     def search(self) -> Solution:
         self.split()

@@ -53,6 +53,7 @@ class DistillCfg:
 @dataclass
 class FitnessCfg:
     max_accuracy_drop: float = 5.0
+    donnav2_filter: bool = False  # per layer, drop ops dominated in distill loss and latency
 
 
 @dataclass
@@ -179,7 +180,7 @@ def load_recipe(name_or_path: str = "default") -> Recipe:
 
 _CHOICES = {
     ("distill", "optimizer"): ("sgd", "adam"),
-    ("distill", "loss"): ("mse",),
+    ("distill", "loss"): ("mse", "nsr"),
     ("search", "method"): ("ip", "nsga2"),
 }
 

@@ -153,3 +153,20 @@ def test_gpu_target_runs_anywhere_on_estimates(run_result):
     assert r["speedup"]["measured"] is None and r["student"]["latency_ms"]["measured"] is None
     assert r["speedup"]["predicted"] <= 0.9 + 1e-9
     assert any("roofline estimates" in n for n in r["notes"])
+
+
+def test_nsr_loss_and_donnav2_filter_in_a_run(run_result):
+    d = run_result
+    recipe = d["kwargs"]["recipe"].override("distill", loss="nsr")
+    recipe = recipe.override("fitness", donnav2_filter=True)
+    result = compressor.compress(d["teacher"], d["data"], "cpu", 0.6,
+                                 **dict(d["kwargs"], recipe=recipe))
+    r = result.report
+    assert r["recipe"]["distill"]["loss"] == "nsr"
+    # a new distillation (the loss is part of the artifact key), beside the MSE one
+    assert len(list((d["root"] / "work").glob("*/distill/*"))) >= 2
+    pre = r["phases"]["search"]["prefilter"]
+    assert pre["removed_dominated_donnav2"] >= 0
+    assert pre["kept"] == pre["candidates"] - pre["removed_slower_than_teacher"] - pre[
+        "removed_failed_distillation"] - pre["removed_dominated_donnav2"] - pre[
+        "removed_accuracy_drop"]
