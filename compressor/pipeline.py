@@ -401,7 +401,7 @@ class Run:
             self.search_rounds = rounds
             self.best = best
             if len(self.speedups) > 1:
-                self.front = self._front(a, b, cand, t_logits, rounds[0])
+                self.front = self._front(a, b, cand, t_logits, rounds[-1])
         return best
 
     def _solve_and_rank(self, a, b, budget, cand: Images, t_logits):
@@ -423,16 +423,16 @@ class Run:
         j = min(range(len(sols)), key=losses.__getitem__)
         return sols, losses, tau, j
 
-    def _front(self, a, b, cand: Images, t_logits, first_round: dict) -> dict:
+    def _front(self, a, b, cand: Images, t_logits, final_round: dict) -> dict:
         """Best architecture per requested speedup, all from the same pool and LUT."""
         fixed = self.stem_ms + self.head_ms
         points = []
         for sp in self.speedups:
             if sp == self.speedup:
-                j = first_round["best"]
-                sol = first_round["solutions"][j]
+                j = final_round["best"]
+                sol = final_round["solutions"][j]
                 points.append({"speedup_requested": sp, "latency_ms": fixed + sol["latency_ms"],
-                               "loss": first_round["candidate_losses"][j],
+                               "loss": final_round["candidate_losses"][j],
                                "choices": sol["choices"]})
                 continue
             try:
