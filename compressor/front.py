@@ -12,9 +12,9 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from .store import atomic_write
 
 __all__ = ["write_front", "pareto_mask"]
 
@@ -36,18 +36,6 @@ def pareto_mask(points: list[tuple[float, float]]) -> list[bool]:
             continue
         out.append(not any(ok(q) and q[0] <= p[0] and q[1] <= p[1] and q != p for q in points))
     return out
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _rows(points: list[dict], teacher: dict) -> list[dict]:
@@ -148,7 +136,7 @@ def write_front(points: list[dict], teacher: dict, out_dir: Path) -> dict[str, P
     rows = _rows(points, teacher)
     paths = {"png": out_dir / "front.png", "csv": out_dir / "front.csv",
              "md": out_dir / "front.md"}
-    _atomic_write(paths["csv"], _csv(rows, teacher))
-    _atomic_write(paths["md"], _markdown(rows, teacher))
-    _atomic_write(paths["png"], _png(rows, teacher))
+    for key, data in (("csv", _csv(rows, teacher)), ("md", _markdown(rows, teacher)),
+                      ("png", _png(rows, teacher))):
+        atomic_write(paths[key], lambda p, data=data: p.write_bytes(data))
     return paths

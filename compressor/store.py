@@ -49,6 +49,7 @@ def atomic_write(path: Path, write) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are ordinary readable files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
