@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import warnings
 
@@ -42,8 +43,12 @@ class Backend:
 
     @classmethod
     def available(cls) -> bool:
-        """True if the backend's package imports on this machine."""
-        raise NotImplementedError
+        """True if the backend's package (``package``) imports on this machine."""
+        try:
+            importlib.import_module(cls.package)
+        except ImportError:
+            return False
+        return True
 
     def check(self) -> None:
         """Raise `BackendUnavailableError` if this backend cannot measure its target here."""

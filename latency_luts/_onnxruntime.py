@@ -29,14 +29,6 @@ class OnnxRuntimeBackend(Backend):
     devices = ("cpu", "cuda")
     precisions = ("fp32", "fp16")
 
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return False
-        return True
-
     def check(self) -> None:
         super().check()
         if self.target.device == "cpu" and self.target.precision != "fp32":

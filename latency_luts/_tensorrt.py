@@ -33,14 +33,6 @@ class TensorRTBackend(Backend):
     precisions = ("fp32", "fp16")
     workspace_bytes = 1 << 30
 
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            return False
-        return True
-
     def _engine(self, model: bytes):
         import tensorrt as trt
 

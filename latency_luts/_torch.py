@@ -39,10 +39,6 @@ class TorchBackend(Backend):
     devices = ("cpu", "cuda")
     precisions = ("fp32", "fp16", "bf16")
 
-    @classmethod
-    def available(cls) -> bool:
-        return True
-
     def measure(self, module: nn.Module, in_shape: tuple[int, ...]) -> Measurement:
         self.check()
         t = self.target

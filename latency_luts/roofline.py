@@ -111,10 +111,6 @@ class RooflineEstimator(Backend):
     precisions = ("fp32", "fp16", "bf16")
     estimates = True
 
-    @classmethod
-    def available(cls) -> bool:
-        return True
-
     def check(self) -> None:
         if not self.target.can_estimate:
             raise BackendUnavailableError(

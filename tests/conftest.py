@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,16 @@ def make_images(root: Path, n: int, size: int = 48, wnids=WNIDS, seed: int = 0) 
         arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
         Image.fromarray(arr).save(d / f"img{i}.png")
     return root
+
+
+def random_instance(n: int = 6, m: int = 4, seed: int = 0):
+    """A seeded (a, b) search instance: teacher loss 0 and cost 1, m cheaper lossier ops."""
+    rng = random.Random(seed)
+    a, b = [], []
+    for _ in range(n):
+        a.append({"teacher": 0.0, **{f"op{j}": rng.uniform(0.01, 1) for j in range(m)}})
+        b.append({"teacher": 1.0, **{f"op{j}": rng.uniform(0.05, 0.9) for j in range(m)}})
+    return a, b
 
 
 @pytest.fixture

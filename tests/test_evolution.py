@@ -1,4 +1,3 @@
-import random
 
 import pytest
 
@@ -6,14 +5,7 @@ from compressor import InfeasibleError
 from compressor.evolution import nsga2
 from compressor.search import min_latency, solve
 
-
-def _instance(n=8, m=5, seed=0):
-    rng = random.Random(seed)
-    a, b = [], []
-    for _ in range(n):
-        a.append({"teacher": 0.0, **{f"op{j}": rng.uniform(0.01, 1) for j in range(m)}})
-        b.append({"teacher": 1.0, **{f"op{j}": rng.uniform(0.05, 0.9) for j in range(m)}})
-    return a, b
+from .conftest import random_instance
 
 
 def _dominates(p, q):
@@ -22,7 +14,7 @@ def _dominates(p, q):
 
 
 def test_nsga2_returns_feasible_non_dominated_solutions_sorted():
-    a, b = _instance()
+    a, b = random_instance(8, 5)
     budget = 0.6 * len(a)
     front = nsga2(a, b, budget, pop_size=24, generations=30, seed=1)
     assert front
@@ -39,14 +31,14 @@ def test_nsga2_returns_feasible_non_dominated_solutions_sorted():
 
 
 def test_nsga2_is_deterministic_for_a_seed():
-    a, b = _instance(seed=2)
+    a, b = random_instance(8, 5, seed=2)
     x = nsga2(a, b, 0.6 * len(a), pop_size=16, generations=10, seed=3)
     y = nsga2(a, b, 0.6 * len(a), pop_size=16, generations=10, seed=3)
     assert [s.choices for s in x] == [s.choices for s in y]
 
 
 def test_nsga2_hardware_in_the_loop_and_time_limit():
-    a, b = _instance(n=6, m=4, seed=4)
+    a, b = random_instance(6, 4, seed=4)
     calls = []
 
     def measure(choices):
@@ -63,6 +55,6 @@ def test_nsga2_hardware_in_the_loop_and_time_limit():
 
 
 def test_nsga2_infeasible_budget():
-    a, b = _instance()
+    a, b = random_instance(8, 5)
     with pytest.raises(InfeasibleError, match="below the fastest reachable"):
         nsga2(a, b, min_latency(b) * 0.5)

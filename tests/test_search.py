@@ -7,14 +7,7 @@ import pytest
 from compressor import InfeasibleError
 from compressor.search import min_latency, solve
 
-
-def _instance(n=6, m=4, seed=0):
-    rng = random.Random(seed)
-    a, b = [], []
-    for _ in range(n):
-        a.append({"teacher": 0.0, **{f"op{j}": rng.uniform(0.01, 1) for j in range(m)}})
-        b.append({"teacher": 1.0, **{f"op{j}": rng.uniform(0.05, 0.9) for j in range(m)}})
-    return a, b
+from .conftest import random_instance as _instance
 
 
 def test_first_solution_is_the_true_optimum():
