@@ -21,7 +21,7 @@ from .recipe import DistillCfg
 from .split import TEACHER, Split
 from .store import Store
 
-__all__ = ["OpResult", "distill", "teacher_activations", "load_op"]
+__all__ = ["OpResult", "distill", "teacher_activations", "load_op", "load_weights"]
 
 _logger = logging.getLogger(__name__)
 
@@ -53,11 +53,16 @@ def teacher_activations(split: Split, x: torch.Tensor) -> list[torch.Tensor]:
     return acts
 
 
+def load_weights(store: Store, root: Path, layer: int, op: str) -> dict[str, torch.Tensor]:
+    """The distilled state dict of (layer, op)."""
+    return store.load_tensors(_files(root, layer, op)[0])
+
+
 def load_op(split: Split, store: Store, root: Path, layer: int, op: str) -> nn.Module:
     """A candidate op with its distilled weights (the teacher op is the teacher's layer)."""
     module = split.build_op(layer, op)
     if op != TEACHER:
-        module.load_state_dict(store.load_tensors(_files(root, layer, op)[0]))
+        module.load_state_dict(load_weights(store, root, layer, op))
     return module
 
 
@@ -107,12 +112,12 @@ def distill(
     bar = tqdm(total=total * steps, desc="distill", unit="op-step", disable=not progress)
     for r in range(rounds):
         group = [(i, op) for i, ops in pending.items() for op in ops[r * g : (r + 1) * g]]
-        results.update(_train_group(split, group, images, cfg, bs, scale, bar))
-        for (i, op), res in ((k, results[k]) for k in group):
+        trained = _train_group(split, group, images, cfg, bs, scale, bar)
+        for (i, op), (res, state) in trained.items():
             weights, meta = _files(root, i, op)
-            store.save_tensors(weights, res.state_dict)  # type: ignore[attr-defined]
-            del res.state_dict  # type: ignore[attr-defined]
+            store.save_tensors(weights, state)
             store.write_json(meta, res.to_dict())
+            results[(i, op)] = res
     bar.close()
     return results
 
@@ -188,7 +193,5 @@ def _train_group(split, group, images: Images, cfg: DistillCfg, bs, scale, bar):
     for key, m in ops.items():
         status, reason = ("failed", failed[key]) if key in failed else ("ok", "")
         loss = sums[key] / counts[key] if counts[key] and key not in failed else float("nan")
-        res = OpResult(key[0], key[1], loss, status, reason)
-        res.state_dict = m.state_dict()  # type: ignore[attr-defined]
-        out[key] = res
+        out[key] = (OpResult(key[0], key[1], loss, status, reason), m.state_dict())
     return out

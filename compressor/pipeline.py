@@ -20,7 +20,7 @@ import ops_pool
 
 from ._errors import CompressorError, InfeasibleError, SearchError
 from .data import Images, load_images, scan_images, split_indices
-from .distill import OpResult, distill, load_op
+from .distill import OpResult, distill, load_op, load_weights
 from .evaluate import evaluate, mean_loss, predict
 from .evolution import nsga2
 from .finetune import finetune
@@ -454,7 +454,7 @@ class Run:
     def _assemble(self, choices) -> nn.Module:
         s = self.split()
         weights = {
-            i: load_op(s, self.store, self.distill_root, i, op).state_dict()
+            i: load_weights(self.store, self.distill_root, i, op)
             for i, op in enumerate(choices)
             if op != TEACHER
         }
