@@ -9,6 +9,7 @@ __all__ = [
     "SearchError",
     "InfeasibleError",
     "ArtifactError",
+    "DistillError",
 ]
 
 
@@ -42,3 +43,7 @@ class InfeasibleError(SearchError):
 
 class ArtifactError(CompressorError):
     """A work-dir artifact that is corrupt or belongs to another run."""
+
+
+class DistillError(CompressorError):
+    """Distillation cannot run as configured (device, memory, or the torchrun process group)."""

@@ -94,6 +94,8 @@ def _make_run(model, data, target, lut, speedup, search_method, distill_loss, ch
     from .pipeline import Run
     from .recipe import list_recipes, load_recipe
 
+    if not _rank_zero():
+        quiet = True  # under torchrun, rank 0 shows progress and messages for all
     _setup_logging(quiet)
     if recipe is None:
         named = f"{model}-{target or 'cpu'}"
@@ -106,6 +108,11 @@ def _make_run(model, data, target, lut, speedup, search_method, distill_loss, ch
                checkpoint=checkpoint,
                recipe=recipe, work_dir=work_dir, val_data=val_data, random_init=random_init,
                progress=not quiet, k=k)
+
+
+def _rank_zero() -> bool:
+    """False on the other ranks of a torchrun launch (``RANK`` set and not 0)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _summary(report: dict) -> str:
@@ -261,8 +268,11 @@ def _phase_command(name: str, doc: str):
         if name == "distill":
             res = run.distill()
             failed = [r for r in res.values() if r.status != "ok"]
-            click.echo(f"distilled {len(res)} ops ({len(failed)} failed) in "
-                       f"{run.distill_root}")
+            if _rank_zero():
+                click.echo(f"distilled {len(res)} ops ({len(failed)} failed) in "
+                           f"{run.distill_root}")
+                for r in failed:
+                    click.echo(f"  failed: layer {r.layer} {r.op}: {r.reason}")
         elif name == "search":
             run.luts()
             best = run.search()
@@ -280,7 +290,9 @@ def _phase_command(name: str, doc: str):
     return cmd
 
 
-_phase_command("distill", "Phase 1: distill every candidate op (resumable).")
+_phase_command("distill", "Phase 1: distill every candidate op (resumable). Under torchrun "
+               "(torchrun --nproc_per_node=P -m compressor distill ...) the ops are shared out "
+               "among the processes.")
 _phase_command("search", "Phase 2: K diverse solutions of Eq. 4 and candidate evaluation.")
 _phase_command("finetune", "Search, then finetune the best architecture and evaluate it.")
 

@@ -1,29 +1,62 @@
 """Phase 1 (HANT Eq. 2): every candidate op s_ij mimics its teacher layer t_i on t_i's input.
 
-The N x M problems are independent. Each teacher pass over a batch records every layer's input
-and output once; a *group* of candidate ops per layer (all layers at once) then trains on those
-activations. Each group is saved when done, so an interrupted run resumes at group granularity.
+The N x M problems are independent, and each one's result is independent of how it is
+scheduled: op (i, j) starts from its own seed (a hash of `distill.seed`, the layer index and the
+op name), sees the same batches in the same order, and has its own optimizer, so its weights do
+not depend on which ops share its teacher pass or which process trains it.
+
+Schedules (all give the same weights, within float rounding):
+
+* cached: when the teacher's inputs and outputs of every layer for the whole distill set fit
+  (`cache_activations`, `cache_max_mib`, `memory_fraction`), the teacher runs over the set once
+  and the ops train from the cache one after the other, each saved as soon as it is done;
+* streaming: otherwise one teacher pass per batch feeds a group of `group_size` ops per layer
+  (all layers at once; ``auto``: as many as fit in memory, see `auto_group_size`), saved when
+  the group ends. The paper's schedule is a group of one op per layer;
+* sharded: under torchrun the (layer, op) jobs are dealt round robin to the ranks; each rank
+  writes its ops' files into the shared work dir and, after a barrier, returns the whole pool.
+
+Each op's weights and result are one safetensors and one json file under
+``root/{layer:03d}/{op}.*``; a run resumes by skipping the ops that have both. Rank 0 records
+how the last run was scheduled (ranks, ops each trained, device, seconds) in
+``root/last_run.json``. An op whose loss
+becomes NaN or infinite is marked failed with the reason, and the others go on.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
 import math
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _parallel
+from ._errors import DistillError
 from .data import Images
 from .recipe import DistillCfg
 from .split import TEACHER, Split
 from .store import Store
 
-__all__ = ["OpResult", "distill", "teacher_activations", "load_op", "load_weights"]
+__all__ = [
+    "OpResult",
+    "distill",
+    "teacher_activations",
+    "load_op",
+    "load_weights",
+    "op_seed",
+    "auto_group_size",
+]
 
 _logger = logging.getLogger(__name__)
+_MIB = 1 << 20
 
 
 @dataclass
@@ -74,6 +107,18 @@ def _done(store: Store, root: Path, layer: int, op: str) -> OpResult | None:
     return None
 
 
+def op_seed(layer: int, op: str, seed: int = 0) -> int:
+    """A stable 63-bit seed for (layer, op): the same in every process and Python run (unlike
+    ``hash()``, which is salted per process).
+
+    Example:
+        >>> op_seed(3, "identity") == op_seed(3, "identity")
+        True
+    """
+    h = hashlib.sha256(f"hant-distill/{seed}/{layer}/{op}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2**63 - 1)
+
+
 def distill(
     split: Split,
     candidates: dict[int, list[str]],
@@ -83,50 +128,283 @@ def distill(
     root: Path,
     progress: bool = True,
 ) -> dict[tuple[int, str], OpResult]:
-    """Train every (layer, op) in `candidates` (except ``teacher``); resumes from `root`."""
-    from tqdm import tqdm
+    """Train every (layer, op) in `candidates` (except ``teacher``); resumes from `root`.
 
-    results: dict[tuple[int, str], OpResult] = {}
-    pending: dict[int, list[str]] = {}
-    for i, ops in candidates.items():
-        for op in ops:
-            if op == TEACHER:
-                continue
-            done = _done(store, root, i, op)
-            if done is not None:
-                results[(i, op)] = done
+    Under torchrun each rank trains the jobs whose index in (layer, op) order is rank modulo the
+    world size, and every rank returns the results of all jobs (`root` must be on a file system
+    all ranks share).
+
+    Example:
+        >>> res = distill(s, {0: ["identity"]}, images, load_recipe().distill, Store("work"),
+        ...               Path("work/distill"))  # doctest: +SKIP
+        >>> res[(0, "identity")].loss  # doctest: +SKIP
+    """
+    jobs = [(i, op) for i in sorted(candidates) for op in candidates[i] if op != TEACHER]
+    device = _parallel.resolve_device(cfg.device)
+    with _parallel.process_group(device) as (rank, world):
+        if world > 1:
+            _check_ranks_agree(root, jobs, len(images))
+        results: dict[tuple[int, str], OpResult] = {}
+        pending = []
+        for key in jobs[rank::world]:
+            done = _done(store, root, *key)
+            if done is None:
+                pending.append(key)
             else:
-                pending.setdefault(i, []).append(op)
-    total = sum(len(v) for v in pending.values())
-    if total == 0:
-        return results
-    g = max(1, cfg.group_size)
-    rounds = math.ceil(max(len(v) for v in pending.values()) / g)
-    n = len(images)
-    bs = max(1, min(cfg.batch_size, n))
-    steps = cfg.epochs * math.ceil(n / bs)
-    split.stem.eval()
-    for layer in split.layers:
-        layer.module.eval()
-    scale = _layer_scales(split, images.x[:bs])
-    bar = tqdm(total=total * steps, desc="distill", unit="op-step", disable=not progress)
-    for r in range(rounds):
-        group = [(i, op) for i, ops in pending.items() for op in ops[r * g : (r + 1) * g]]
-        trained = _train_group(split, group, images, cfg, bs, scale, bar)
-        for (i, op), (res, state) in trained.items():
-            weights, meta = _files(root, i, op)
-            store.save_tensors(weights, state)
-            store.write_json(meta, res.to_dict())
-            results[(i, op)] = res
-    bar.close()
+                results[key] = done
+        info = {"rank": rank, "trained": 0}
+        if pending:
+            info = _train_pending(split, pending, images, cfg, store, root, device, results,
+                                  progress=progress and rank == 0, shard=(rank, world))
+        if world > 1:
+            _parallel.barrier(device)
+            results = _read_all(store, root, jobs)
+            ranks = _parallel.all_gather(info)
+        else:
+            ranks = [info]
+        if rank == 0 and any(r["trained"] for r in ranks):
+            store.write_json(root / "last_run.json", {"world_size": world, "ranks": ranks})
     return results
 
 
-def _layer_scales(split: Split, x: torch.Tensor) -> list[float]:
-    """Mean square of each teacher layer's output: a per-layer constant that makes the MSE
-    comparable across layers (one learning rate suits all)."""
-    acts = teacher_activations(split, x)
-    return [max(float(a.pow(2).mean()), 1e-6) for a in acts[1:]]
+def _check_ranks_agree(root: Path, jobs, n_images: int) -> None:
+    mine = (str(root), len(jobs), n_images)
+    seen = _parallel.all_gather(mine)
+    if any(s != mine for s in seen):
+        raise DistillError(
+            f"torchrun ranks disagree on the distillation (work dir, number of ops, images): "
+            f"{seen}; give every rank the same teacher weights (--checkpoint), data, recipe and "
+            "--work-dir"
+        )
+
+
+def _read_all(store: Store, root: Path, jobs) -> dict[tuple[int, str], OpResult]:
+    results = {}
+    for key in jobs:
+        done = _done(store, root, *key)
+        if done is None:
+            raise DistillError(
+                f"op {key[1]} of layer {key[0]} is not in {root} after every rank finished; "
+                "on several nodes the work dir (--work-dir) must be on a file system all of "
+                "them share"
+            )
+        results[key] = done
+    return results
+
+
+# ---------------------------------------------------------------------------------- schedule
+
+
+class _Teacher:
+    """The teacher's stem and layers on the training device, in eval mode, without gradients."""
+
+    def __init__(self, split: Split, device: torch.device, amp: bool):
+        stem, layers = split.stem, [layer.module for layer in split.layers]
+        if device.type != "cpu":
+            stem, layers = copy.deepcopy(stem).to(device), [copy.deepcopy(m).to(device)
+                                                            for m in layers]
+        self.stem, self.layers = stem.eval(), [m.eval() for m in layers]
+        self.device, self.amp = device, amp
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            acts = [self.stem(x.to(self.device))]
+            for m in self.layers:
+                acts.append(m(acts[-1]))
+        return acts
+
+
+def _act_numel(split: Split) -> list[int]:
+    """Per-sample size of x_0 .. x_N (the cached tensors)."""
+    shapes = [split.layers[0].in_shape] + [layer.out_shape for layer in split.layers]
+    return [math.prod(s) for s in shapes]
+
+
+class _Cache:
+    """The teacher's x_0 .. x_N for the whole distill set, computed once in batches."""
+
+    def __init__(self, teacher: _Teacher, x: torch.Tensor, bs: int):
+        self.acts: list[torch.Tensor] = []
+        for s in range(0, len(x), bs):
+            chunk = teacher(x[s : s + bs])
+            if not self.acts:
+                self.acts = [torch.empty((len(x), *a.shape[1:]), dtype=a.dtype, device=a.device)
+                             for a in chunk]
+            for store, a in zip(self.acts, chunk):
+                store[s : s + len(a)] = a
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() for a in self.acts)
+
+
+def _use_cache(cfg: DistillCfg, need: int, budget: int) -> bool:
+    if cfg.cache_activations is True:
+        if need > budget:
+            _logger.warning("distill: caching %d MiB of activations (cache_activations: true), "
+                            "more than the %d MiB budget", need // _MIB, budget // _MIB)
+        return True
+    if cfg.cache_activations is False:
+        return False
+    return need <= min(budget, cfg.cache_max_mib * _MIB)
+
+
+def _use_amp(cfg: DistillCfg, device: torch.device) -> bool:
+    if device.type != "cuda":
+        if cfg.amp is True:
+            _logger.warning("distill: amp is for CUDA; distilling in fp32 on %s", device)
+        return False
+    return cfg.amp in ("auto", True)
+
+
+def _batches(n: int, bs: int, epochs: int, seed: int) -> list[tuple[int, int, torch.Tensor]]:
+    """(epoch, batch number, image indices): the one batch order every op sees."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        out += [(epoch, s // bs, order[s : s + bs]) for s in range(0, n, bs)]
+    return out
+
+
+@dataclass
+class _Context:
+    """What every group trains with (passed to `_train_group`)."""
+
+    cfg: DistillCfg
+    images: Images
+    teacher: _Teacher
+    cache: _Cache | None
+    batches: list[tuple[int, int, torch.Tensor]]
+    scale: list[float]
+    device: torch.device
+    amp: bool
+    bar: object
+    done_steps: list[int] = field(default_factory=lambda: [0])
+
+    def advance(self) -> None:
+        """One op-step done; the bar counts ops (fractions while an op trains)."""
+        self.done_steps[0] += 1
+        self.bar.update(self.done_steps[0] / len(self.batches) - self.bar.n)
+
+
+def _train_pending(split, pending, images: Images, cfg: DistillCfg, store: Store, root: Path,
+                   device: torch.device, results: dict, progress: bool, shard) -> dict:
+    """Train this rank's `pending` ops into `results`; return what was done (for last_run.json)."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    amp = _use_amp(cfg, device)
+    teacher = _Teacher(split, device, amp)
+    n = len(images)
+    bs = max(1, min(cfg.batch_size, n))
+    batches = _batches(n, bs, cfg.epochs, cfg.seed)
+    budget = int(_parallel.available_bytes(device) * cfg.memory_fraction)
+    per_sample = sum(_act_numel(split)) * (2 if amp else 4)
+    cache = None
+    if _use_cache(cfg, per_sample * n, budget):
+        t1 = time.perf_counter()
+        cache = _Cache(teacher, images.x, bs)
+        _logger.info("distill: cached the teacher's activations of %d images (%d MiB) in %.1f s",
+                     n, cache.nbytes // _MIB, time.perf_counter() - t1)
+        scale = _scales(cache.acts, bs)
+        g = cfg.group_size if cfg.group_size != "auto" else max(map(len, _by_layer(pending)))
+    else:
+        scale = _scales(teacher(images.x[:bs]), bs)
+        g = cfg.group_size
+        if g == "auto":
+            g = auto_group_size(split, pending, teacher(images.x[:1]), cfg, device,
+                                budget - per_sample * bs, bs)
+    rank, world = shard
+    desc = "distill" if world == 1 else f"distill (rank 0 of {world}: its share)"
+    bar = tqdm(total=len(pending), desc=desc, unit="op", disable=not progress,
+               bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} ops [{elapsed}<{remaining}]")
+    ctx = _Context(cfg, images, teacher, cache, batches, scale, device, amp, bar)
+
+    def save(res: OpResult, state: dict[str, torch.Tensor]) -> None:
+        weights, meta = _files(root, res.layer, res.op)
+        store.save_tensors(weights, state)
+        store.write_json(meta, res.to_dict())
+        results[(res.layer, res.op)] = res
+
+    _logger.info("distill: %d ops on %s (%s, %s%s)", len(pending), device,
+                 "cached activations" if cache else f"streaming, {g} op(s) per layer per pass",
+                 "fp16 AMP" if amp else "fp32", f", rank {rank} of {world}" if world > 1 else "")
+    layers = _by_layer(pending)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for r in range(math.ceil(max(map(len, layers)) / g)):
+                group = [key for ops in layers for key in ops[r * g : (r + 1) * g]]
+                _train_group(split, group, ctx, save)
+    finally:
+        bar.close()
+    return {"rank": rank, "trained": len(pending), "device": str(device), "amp": amp,
+            "schedule": "cached" if cache else "streaming", "group_size": g,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _by_layer(pending) -> list[list[tuple[int, str]]]:
+    layers: dict[int, list] = {}
+    for key in pending:
+        layers.setdefault(key[0], []).append(key)
+    return list(layers.values())
+
+
+def _scales(acts: list[torch.Tensor], bs: int) -> list[float]:
+    """Mean square of each teacher layer's output on the first batch: a per-layer constant that
+    makes the MSE comparable across layers (one learning rate suits all)."""
+    return [max(float(a[:bs].float().pow(2).mean()), 1e-6) for a in acts[1:]]
+
+
+def auto_group_size(split: Split, pending, acts1: list[torch.Tensor], cfg: DistillCfg,
+                    device: torch.device, budget: int, bs: int) -> int:
+    """Ops per layer that one streaming teacher pass can train within `budget` bytes.
+
+    `acts1` is the teacher's x_0 .. x_N for one image. Each pending op is built once and run
+    forward on it with gradients on: the tensors
+    autograd saves for backward (counted by `saved_tensors_hooks`), its output and the output's
+    gradient, times the batch size, plus its parameters, their gradients and optimizer state
+    (SGD with momentum: 1 copy, Adam: 2). A group of g ops per layer is allowed when g times the
+    sum over layers of the largest op of each layer fits. The budget is `memory_fraction` of
+    the free memory, less the teacher's activations of one batch; the rest is the safety margin
+    (allocator slack, the op's temporaries in backward, other processes).
+    """
+    states = {"sgd": 1 if cfg.momentum else 0, "adam": 2}.get(cfg.optimizer, 2)
+    worst: dict[int, int] = {}
+    for i, op in pending:
+        m = split.build_op(i, op).to(device).train()
+        worst[i] = max(worst.get(i, 0), _op_bytes(m, acts1[i], states, bs))
+    per_round = sum(worst.values())
+    most = max(map(len, _by_layer(pending)))
+    g = max(1, min(most, budget // max(per_round, 1)))
+    if per_round > budget:
+        _logger.warning("distill: one op per layer needs ~%d MiB, more than the %d MiB budget; "
+                        "training one op per layer per pass anyway (lower distill.batch_size "
+                        "if it runs out of memory)", per_round // _MIB, budget // _MIB)
+    _logger.info("distill: group size %d (auto: ~%d MiB per op per layer, budget %d MiB)",
+                 g, per_round // _MIB, budget // _MIB)
+    return int(g)
+
+
+def _op_bytes(m: nn.Module, x1: torch.Tensor, states: int, bs: int) -> int:
+    """Training memory of op `m` at batch `bs`, from one forward on one sample `x1`."""
+    params = {p.data_ptr() for p in m.parameters()}
+    n_params = sum(p.numel() * p.element_size() for p in m.parameters() if p.requires_grad)
+    saved: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in params:
+            saved[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = m(x1)
+    act = (sum(saved.values()) + 2 * out.numel() * out.element_size()) * bs
+    return n_params * (2 + states) + act
+
+
+# ---------------------------------------------------------------------------------- training
 
 
 def _loss(kind: str, out: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
@@ -153,45 +431,80 @@ def _optimizer(cfg: DistillCfg, params) -> torch.optim.Optimizer:
     raise ValueError(f"distill.optimizer must be sgd or adam, got {cfg.optimizer!r}")
 
 
-def _train_group(split, group, images: Images, cfg: DistillCfg, bs, scale, bar):
-    ops: dict[tuple[int, str], nn.Module] = {}
-    opts: dict[tuple[int, str], torch.optim.Optimizer | None] = {}
-    for i, op in group:
-        m = split.build_op(i, op).train()
-        ops[(i, op)] = m
-        params = [p for p in m.parameters() if p.requires_grad]
-        opts[(i, op)] = _optimizer(cfg, params) if params else None
-    failed: dict[tuple[int, str], str] = {}
-    sums = dict.fromkeys(ops, 0.0)
-    counts = dict.fromkeys(ops, 0)
-    gen = torch.Generator().manual_seed(0)
-    n = len(images)
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(n, generator=gen)
-        last = epoch == cfg.epochs - 1
-        for s in range(0, n, bs):
-            acts = teacher_activations(split, images.x[order[s : s + bs]])
-            for key, m in ops.items():
-                bar.update(1)
-                if key in failed:
-                    continue
-                i = key[0]
-                out = m(acts[i])
-                loss = _loss(cfg.loss, out, acts[i + 1], scale[i])
-                if not torch.isfinite(loss):
-                    failed[key] = f"non-finite loss at epoch {epoch}, batch {s // bs}"
-                    _logger.warning("op %s on layer %d diverged: %s", key[1], i, failed[key])
-                    continue
-                if opts[key] is not None:
-                    opts[key].zero_grad(set_to_none=True)
-                    loss.backward()
-                    opts[key].step()
-                if last:
-                    sums[key] += loss.item() * len(out)
-                    counts[key] += len(out)
-    out = {}
-    for key, m in ops.items():
-        status, reason = ("failed", failed[key]) if key in failed else ("ok", "")
-        loss = sums[key] / counts[key] if counts[key] and key not in failed else float("nan")
-        out[key] = (OpResult(key[0], key[1], loss, status, reason), m.state_dict())
-    return out
+class _OpTrainer:
+    """One op with its own seed, optimizer (and grad scaler under AMP) and loss bookkeeping."""
+
+    def __init__(self, split: Split, layer: int, op: str, ctx: _Context):
+        self.layer, self.op, self.cfg = layer, op, ctx.cfg
+        self.seed = op_seed(layer, op, ctx.cfg.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.module = split.build_op(layer, op)
+        self.module = self.module.to(ctx.device).train()
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.opt = _optimizer(ctx.cfg, params) if params else None
+        self.scaler = torch.amp.GradScaler("cuda") if ctx.amp and self.opt else None
+        self.amp = ctx.amp
+        self.failed = ""
+        self.sum, self.count, self.steps = 0.0, 0, 0
+
+    def step(self, x: torch.Tensor, target: torch.Tensor, scale: float, epoch: int, batch: int,
+             last: bool) -> None:
+        if self.failed:
+            return
+        # anything random inside the op (dropout) draws from a stream of its own
+        torch.manual_seed((self.seed + self.steps) % 2**63)
+        self.steps += 1
+        with torch.autocast(x.device.type, dtype=torch.float16, enabled=self.amp):
+            out = self.module(x)
+        loss = _loss(self.cfg.loss, out.float(), target.float(), scale)
+        if not torch.isfinite(loss):
+            self.failed = f"non-finite loss at epoch {epoch}, batch {batch}"
+            _logger.warning("op %s on layer %d diverged: %s", self.op, self.layer, self.failed)
+            return
+        if self.opt is not None:
+            self.opt.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.opt.step()
+        if last:
+            self.sum += loss.item() * len(out)
+            self.count += len(out)
+
+    def result(self) -> tuple[OpResult, dict[str, torch.Tensor]]:
+        if self.failed:
+            res = OpResult(self.layer, self.op, float("nan"), "failed", self.failed)
+        else:
+            loss = self.sum / self.count if self.count else float("nan")
+            res = OpResult(self.layer, self.op, loss)
+        return res, self.module.state_dict()
+
+
+def _train_group(split: Split, group, ctx: _Context,
+                 save: Callable[[OpResult, dict[str, torch.Tensor]], None]) -> None:
+    """Train the (layer, op) pairs of `group` and `save` each one. From the cache: op after op,
+    each saved when done. Streaming: one teacher pass per batch feeds the whole group, which is
+    saved at the end."""
+    last_epoch = ctx.cfg.epochs - 1
+    if ctx.cache is not None:
+        acts = ctx.cache.acts
+        for i, op in group:
+            t = _OpTrainer(split, i, op, ctx)
+            for epoch, b, idx in ctx.batches:
+                t.step(acts[i][idx], acts[i + 1][idx], ctx.scale[i], epoch, b, epoch == last_epoch)
+                ctx.advance()
+            save(*t.result())
+        return
+    trainers = [_OpTrainer(split, i, op, ctx) for i, op in group]
+    for epoch, b, idx in ctx.batches:
+        acts = ctx.teacher(ctx.images.x[idx])
+        for t in trainers:
+            i = t.layer
+            t.step(acts[i], acts[i + 1], ctx.scale[i], epoch, b, epoch == last_epoch)
+            ctx.advance()
+    for t in trainers:
+        save(*t.result())

@@ -244,7 +244,8 @@ class Run:
         s = self.split()
         parts = self._images()
         cfg = self.recipe.distill
-        key = digest(cfg.__dict__, self.data_fp["distill"], self.data_cfg)
+        # keyed by what decides the weights, not by the schedule (group size, cache, device)
+        key = digest(cfg.result_dict(), self.data_fp["distill"], self.data_cfg)
         self.distill_root = self.store.path(self.teacher_key, "distill", key)
         train = self.candidates
         if hasattr(self, "b"):

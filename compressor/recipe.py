@@ -47,7 +47,23 @@ class DistillCfg:
     momentum: float = 0.9
     epochs: int = 1
     batch_size: int = 16
-    group_size: int = 6
+    seed: int = 0  # each op's initialisation and the batch order derive from it
+    # How and where ops train, not what they learn (left out of the artifact key; see
+    # `result_dict`): every setting gives the same weights, within float rounding.
+    group_size: int | str = "auto"  # ops per layer per teacher pass; auto: from free memory
+    cache_activations: bool | str = "auto"  # auto: cache when it fits cache_max_mib and memory
+    cache_max_mib: int = 4096
+    memory_fraction: float = 0.5  # of the free memory, for the cache and a streaming group
+    device: str = "auto"  # auto: this rank's GPU if CUDA is available, else cpu
+    amp: bool | str = "auto"  # fp16 autocast + GradScaler; auto: on for CUDA, never on CPU
+
+    SCHEDULE_FIELDS = ("group_size", "cache_activations", "cache_max_mib", "memory_fraction",
+                       "device", "amp")
+
+    def result_dict(self) -> dict:
+        """The fields that decide the trained weights: what a distillation artifact is keyed by."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in self.SCHEDULE_FIELDS}
 
 
 @dataclass
@@ -194,3 +210,25 @@ def _validate(recipe: Recipe, source: str) -> None:
             )
     if not 0 < recipe.search.overlap <= 1:
         raise RecipeError(f"recipe {source}: search.overlap must be in (0, 1]")
+    _validate_distill(recipe.distill, source)
+
+
+def _validate_distill(d: DistillCfg, source: str) -> None:
+    g = d.group_size
+    if g != "auto" and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+        raise RecipeError(
+            f"recipe {source}: distill.group_size is {g!r}; give auto or a whole number >= 1"
+        )
+    for key in ("cache_activations", "amp"):
+        value = getattr(d, key)
+        if value not in ("auto", True, False) or type(value) not in (str, bool):
+            raise RecipeError(f"recipe {source}: distill.{key} is {value!r}; give auto, true "
+                              "or false")
+    if not 0 < d.memory_fraction <= 1:
+        raise RecipeError(f"recipe {source}: distill.memory_fraction must be in (0, 1]")
+    if d.cache_max_mib < 0:
+        raise RecipeError(f"recipe {source}: distill.cache_max_mib must be >= 0")
+    if d.device != "auto" and str(d.device).split(":")[0] not in ("cpu", "cuda"):
+        raise RecipeError(
+            f"recipe {source}: distill.device is {d.device!r}; give auto, cpu, cuda or cuda:N"
+        )
