@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-__all__ = ["Residual", "SqueezeExcite", "conv_bn", "wrap_skip"]
+__all__ = ["Residual", "SqueezeExcite", "conv_bn", "downsample", "wrap_skip"]
 
 
 class Residual(nn.Module):
@@ -21,15 +21,31 @@ class Residual(nn.Module):
 def _zero_last(body: nn.Module) -> None:
     """Start a residual op as the identity: zero the scale of its last norm (or its last linear
     layer). Distillation then begins from ``x`` rather than ``x + noise``, which matters when a
-    calibration set allows only a few hundred steps (as in ResNet's zero-init of the last BN)."""
-    last = None
-    for m in body.modules():
-        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, nn.Linear)):
-            last = m
-    if last is not None and getattr(last, "weight", None) is not None:
+    calibration set allows only a few hundred steps (as in ResNet's zero-init of the last BN).
+
+    When the last such layer sits in a module with a ``zero_init_last()`` method (timm's
+    convention, e.g. a multi-branch block whose output sums several norms), that method is
+    called instead."""
+    last = _last_zeroable(body)
+    if callable(getattr(last, "zero_init_last", None)):
+        last.zero_init_last()
+    elif last is not None and getattr(last, "weight", None) is not None:
         nn.init.zeros_(last.weight)
         if isinstance(last, nn.Linear) and last.bias is not None:
             nn.init.zeros_(last.bias)
+
+
+def _last_zeroable(module: nn.Module) -> nn.Module | None:
+    if callable(getattr(module, "zero_init_last", None)):
+        return module
+    if isinstance(module, (nn.BatchNorm2d, nn.LayerNorm, nn.Linear)):
+        return module
+    last = None
+    for child in module.children():
+        found = _last_zeroable(child)
+        if found is not None:
+            last = found
+    return last
 
 
 class SqueezeExcite(nn.Module):
@@ -59,6 +75,15 @@ def conv_bn(
     if act is not None:
         layers.append(act())
     return layers
+
+
+def downsample(stride: int) -> nn.Module:
+    """Average pooling to ``ceil(H / stride)`` (3x3 window, zero padding not counted) or identity.
+
+    Used by the attention ops to work at the layer's output resolution."""
+    if stride == 1:
+        return nn.Identity()
+    return nn.AvgPool2d(3, stride, padding=1, count_include_pad=False)
 
 
 def wrap_skip(body: nn.Module, in_shape, out_shape) -> nn.Module:

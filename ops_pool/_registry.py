@@ -2,7 +2,7 @@
 
 import difflib
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -40,20 +40,66 @@ def _check_free(name: str) -> None:
         )
 
 
-def register(name: str, *, accepts: Accepts | None = None) -> Callable[[Builder], Builder]:
+def register(
+    name: str,
+    *,
+    accepts: Accepts | None = None,
+    check: Iterable[tuple[Shape, Shape]] | None = None,
+) -> Callable[[Builder], Builder]:
     """Decorator registering ``builder(in_shape, out_shape) -> nn.Module`` under ``name``.
 
-    ``accepts(in_shape, out_shape) -> bool`` says cheaply whether the op fits a layer; when
-    None the op is assumed to fit any layer and is shape-checked when built.
+    Args:
+        name: the op's name; must be new (see :func:`unregister`) and not ``"teacher"``.
+        accepts: ``accepts(in_shape, out_shape) -> bool`` says cheaply whether the op fits a
+            layer; when None the op is assumed to fit any layer and is shape-checked when built.
+        check: ``(in_shape, out_shape)`` pairs the op is built on (and run forward) right away,
+            at registration; if any is refused, fails, or produces another shape, nothing is
+            registered and :class:`OpShapeError` names the op, the shapes asked and the shape
+            produced.
+
+    Example:
+        >>> import ops_pool
+        >>> from torch import nn
+        >>> @ops_pool.register("doc_pw", check=[((16, 8, 8), (24, 8, 8))])
+        ... def doc_pw(in_shape, out_shape):
+        ...     return nn.Conv2d(in_shape[0], out_shape[0], 1)
+        >>> ops_pool.build("doc_pw", (8, 4, 4), (8, 4, 4)).out_channels
+        8
+        >>> ops_pool.unregister("doc_pw")
     """
     _check_free(name)
+    try:
+        checks = [(_as_shape(i), _as_shape(o)) for i, o in (check or ())]
+    except (TypeError, ValueError) as exc:
+        raise OpsPoolError(
+            f"register({name!r}, check=...) takes (in_shape, out_shape) pairs of int tuples, "
+            f"e.g. [((16, 8, 8), (16, 8, 8))]; got {check!r}"
+        ) from exc
 
     def decorator(builder: Builder) -> Builder:
         _check_free(name)
         _REGISTRY[name] = _Entry(builder, accepts)
+        try:
+            for in_shape, out_shape in checks:
+                _registration_check(name, in_shape, out_shape)
+        except BaseException:
+            del _REGISTRY[name]
+            raise
         return builder
 
     return decorator
+
+
+def _registration_check(name: str, in_shape: Shape, out_shape: Shape) -> None:
+    try:
+        build(name, in_shape, out_shape)
+    except OpsPoolError as exc:
+        raise OpShapeError(f"Registration of op {name!r} refused: {exc}") from exc
+    except Exception as exc:
+        raise OpShapeError(
+            f"Registration of op {name!r} refused: its builder raised {type(exc).__name__} "
+            f"for in_shape {in_shape} -> out_shape {out_shape}: {exc}"
+        ) from exc
 
 
 def _entry(name: str) -> _Entry:

@@ -9,10 +9,19 @@ from torch import nn
 import ops_pool
 from ops_pool import OpShapeError, OpsPoolError, UnknownOpError
 
-SAME_CONV = ((16, 14, 14), (16, 14, 14))
+SAME_CONV = ((16, 8, 8), (16, 8, 8))
 STRIDED_CONV = ((16, 15, 15), (24, 8, 8))
 TOKEN = ((10, 32), (10, 32))
 LAYERS = {"same_conv": SAME_CONV, "strided_conv": STRIDED_CONV, "token": TOKEN}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These ops are tiny: one intra-op thread is several times faster than contending threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _cases():
@@ -25,9 +34,13 @@ def _cases():
 def test_every_valid_op_builds_with_right_shape(name, in_shape, out_shape):
     module = ops_pool.build(name, in_shape, out_shape)
     assert module.training
-    y = module(torch.randn(3, *in_shape))
+    x = torch.randn(3, *in_shape)
+    y = module(x)
     assert y.shape == (3, *out_shape)
     assert y.dtype == torch.float32
+    assert torch.isfinite(y).all()
+    if in_shape == out_shape:  # skip connection, last norm zero-initialised: starts as identity
+        torch.testing.assert_close(y, x)
 
 
 def test_every_op_is_valid_for_some_test_layer():
@@ -38,9 +51,9 @@ def test_every_op_is_valid_for_some_test_layer():
 
 
 def test_family_names_and_counts():
-    assert len(ops_pool.list_ops("efn_*")) == 18
-    assert len(ops_pool.list_ops("cb_stack_*")) == 9
-    assert len(ops_pool.list_ops("cb_bottle_*")) == 6
+    assert len(ops_pool.list_ops("efn_*")) == 36
+    assert len(ops_pool.list_ops("cb_stack_*")) == 40
+    assert len(ops_pool.list_ops("cb_bottle_*")) == 40
     assert ops_pool.list_ops("mlp_*") == ["mlp_e0.25", "mlp_e0.5", "mlp_e1.0"]
     for name in [
         "efn_3x3_e6_se0.04",
@@ -52,6 +65,21 @@ def test_family_names_and_counts():
         "identity",
     ]:
         assert ops_pool.is_registered(name), name
+
+
+def test_names_used_by_recipes_and_tests_stay_valid():
+    for name in [
+        "identity",
+        "efn_3x3_e1_se1.00",
+        "cb_stack_3x3_ex0.25",
+        "cb_stack_3x3_ex0.5",
+        "cb_bottle_3x3_ex0.125",
+        "cb_bottle_5x5_ex0.125",
+        "mlp_e0.25",
+    ]:
+        assert ops_pool.is_registered(name), name
+    assert len(ops_pool.list_ops("efn_*_e1_se1.00")) == 3
+    assert ops_pool.list_ops("teacher") == []
 
 
 def test_identity_only_for_equal_shapes_and_conv_count():
@@ -71,6 +99,8 @@ def test_shape_families_do_not_mix():
     assert not any(n.startswith("mlp_") for n in ops_pool.valid_ops(*SAME_CONV))
     assert ops_pool.valid_ops((10, 32), (12, 32)) == []
     assert ops_pool.valid_ops((16, 14, 14), (16, 5, 5)) == []
+    assert set(ops_pool.valid_ops(*TOKEN)) == {"identity", *ops_pool.list_ops("mlp_*"),
+                                               *ops_pool.list_ops("vit_*")}
 
 
 def test_shape_helpers():
@@ -108,11 +138,78 @@ def test_user_op_with_wrong_output_shape_rejected():
     try:
         assert ops_pool.is_registered("my_test_op")
         assert "my_test_op" in ops_pool.valid_ops(*SAME_CONV)  # accepts=None: assumed valid
-        with pytest.raises(OpShapeError, match=r"my_test_op.*\(2, 17, 14, 14\)"):
+        with pytest.raises(OpShapeError, match=r"my_test_op.*\(2, 17, 8, 8\)"):
             ops_pool.build("my_test_op", *SAME_CONV)
     finally:
         ops_pool.unregister("my_test_op")
     assert not ops_pool.is_registered("my_test_op")
+
+
+def test_register_check_refuses_wrong_output_shape_at_registration():
+    def build_bad(in_shape, out_shape):
+        return nn.Conv2d(in_shape[0], out_shape[0] + 1, 1)
+
+    decorate = ops_pool.register("my_checked_op", check=[((16, 8, 8), (24, 8, 8))])
+    with pytest.raises(OpShapeError) as info:
+        decorate(build_bad)
+    msg = str(info.value)
+    assert "'my_checked_op'" in msg
+    assert "(16, 8, 8) -> out_shape (24, 8, 8)" in msg  # the shapes asked
+    assert "produced (2, 25, 8, 8)" in msg  # the shape the op produced
+    assert not ops_pool.is_registered("my_checked_op")
+
+
+def test_register_check_accepts_a_good_op_and_reports_crashes():
+    @ops_pool.register("my_checked_ok", check=[((16, 8, 8), (24, 4, 4)), ((8, 3, 3), (8, 2, 2))])
+    def build_ok(in_shape, out_shape):
+        return nn.Conv2d(in_shape[0], out_shape[0], 3, stride=2, padding=1)
+
+    try:
+        assert ops_pool.is_registered("my_checked_ok")
+    finally:
+        ops_pool.unregister("my_checked_ok")
+
+    def build_crash(in_shape, out_shape):
+        raise RuntimeError("boom")
+
+    with pytest.raises(OpShapeError, match=r"my_checked_crash.*RuntimeError.*boom"):
+        ops_pool.register("my_checked_crash", check=[((8, 4, 4), (8, 4, 4))])(build_crash)
+    assert not ops_pool.is_registered("my_checked_crash")
+    with pytest.raises(OpShapeError, match="does not accept"):
+        ops_pool.register(
+            "my_checked_refused", accepts=lambda i, o: False, check=[((8, 4, 4), (8, 4, 4))]
+        )(build_ok)
+    assert not ops_pool.is_registered("my_checked_refused")
+    with pytest.raises(OpsPoolError, match="pairs"):
+        ops_pool.register("my_checked_typo", check=[(8, 4, 4)])
+
+
+def test_channel_divisor_is_read_at_build_time():
+    assert ops_pool.get_channel_divisor() == ops_pool.CHANNEL_DIVISOR == 8
+    layer = ((40, 8, 8), (40, 8, 8))
+    default = ops_pool.build("cb_bottle_3x3_ex0.25", *layer)
+    assert default.body[0].out_channels == 16  # round(40 * 0.25 = 10) to 8
+    with ops_pool.channel_divisor(32):
+        assert ops_pool.get_channel_divisor() == 32
+        assert ops_pool.round_channels(100) == 96
+        wide = ops_pool.build("cb_bottle_3x3_ex0.25", *layer)
+        se_op = ops_pool.build("efn_3x3_e6_se0.04", *layer)
+    assert ops_pool.get_channel_divisor() == 8
+    assert wide.body[0].out_channels == 32
+    widths = [m.out_channels for m in se_op.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 32 == 0 for w in widths if w != 40), widths
+    old = ops_pool.set_channel_divisor(4)
+    try:
+        assert old == 8
+        assert ops_pool.round_channels(10) == 12
+        assert ops_pool.round_channels(10, divisor=8) == 16
+        assert ops_pool.build("bot_e0.25", *layer).body[1].out_channels == 12
+    finally:
+        ops_pool.set_channel_divisor(old)
+    for bad in (0, -8, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="positive int"):
+            ops_pool.set_channel_divisor(bad)
+    assert ops_pool.get_channel_divisor() == 8
 
 
 def test_user_op_failing_forward_is_shape_error():
