@@ -13,6 +13,7 @@ from pathlib import Path
 from torch import nn
 
 import latency_luts
+import ops_pool
 from latency_luts import LUT, Target
 
 from .split import TEACHER, Split
@@ -125,7 +126,13 @@ def measure_model(model: nn.Module, input_size, target: Target,
             `allow_estimate`, which returns a roofline estimate).
     """
     backend = latency_luts.get_backend(target, allow_estimate=allow_estimate)
-    return backend.measure(model, tuple(input_size))
+    return backend.measure(_deploy(model), tuple(input_size))
+
+
+def _deploy(module: nn.Module) -> nn.Module:
+    """The inference form of a module: multi-branch ops (repvgg) fused into single convs, in eval
+    mode (a copy; the module itself is left as it was). Latency is measured on this form."""
+    return ops_pool.reparameterize(module).eval()
 
 
 def _shape(s) -> str:
@@ -164,7 +171,7 @@ def _items(split: Split, arch_key: str, candidates: dict[int, list[str]]) -> lis
         layer = split.layers[i]
         for op in ops:
             items.append((op_key(split, arch_key, i, op), layer.in_shape, layer.out_shape,
-                          (lambda i=i, op=op: split.build_op(i, op)),
+                          (lambda i=i, op=op: _deploy(split.build_op(i, op))),
                           f"layer {i} '{layer.name}'"))
     return items
 

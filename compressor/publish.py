@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from timm.models import save_for_hf
 from torch import nn
 
+import ops_pool
+
 from ._errors import ModelError
 from .model import ARCHITECTURE, student_pretrained_cfg
 from .split import split
@@ -25,8 +27,9 @@ _logger = logging.getLogger(__name__)
 
 
 def export_onnx(model: nn.Module, input_size, path: Path) -> Path:
+    """`model` in its inference form (multi-branch ops fused, eval mode) as ONNX at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
+    model = ops_pool.reparameterize(model).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -140,15 +143,27 @@ def save_pretrained(
     return out_dir
 
 
-def load(path: str | os.PathLike, teacher: nn.Module | None = None) -> nn.Module:
+def load(
+    path: str | os.PathLike, teacher: nn.Module | None = None, fuse: bool = True
+) -> nn.Module:
     """Load a folder written by `save_pretrained` (eval mode).
 
     Args:
         path: the output folder.
         teacher: only for models compressed from a module timm does not know: the same
             architecture (its weights are not used).
+        fuse: return the inference form: multi-branch ops (``repvgg_*``) fused into single
+            convs (`ops_pool.reparameterize`; same outputs within 1e-4, faster). Pass False to
+            keep the trainable multi-branch form, e.g. to finetune further; its state dict is
+            the one saved.
     """
-    path = Path(path)
+    model = _load(Path(path), teacher)
+    if fuse:
+        model = ops_pool.reparameterize(model, inplace=True)
+    return model.eval()
+
+
+def _load(path: Path, teacher: nn.Module | None) -> nn.Module:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ModelError(f"{path} has no config.json; is it a folder written by `compress`?")

@@ -170,3 +170,52 @@ def test_nsr_loss_and_donnav2_filter_in_a_run(run_result):
     assert pre["kept"] == pre["candidates"] - pre["removed_slower_than_teacher"] - pre[
         "removed_failed_distillation"] - pre["removed_dominated_donnav2"] - pre[
         "removed_accuracy_drop"]
+
+
+def test_repvgg_student_is_fused_for_export_latency_and_loading(run_result, tmp_path):
+    """A student with multi-branch repvgg ops is saved trainable and fused (re-parameterized)
+    for ONNX export, latency measurement and `compressor.load`, with the same outputs."""
+    from compressor import publish
+    from compressor.latency import _deploy
+    from compressor.split import TEACHER, split
+
+    result = run_result["result"]
+    s = split(run_result["teacher"].eval(), input_size=result.input_size)
+    choices = [TEACHER] * len(s.layers)
+    import ops_pool
+
+    i = next(i for i, layer in enumerate(s.layers)
+             if "repvgg_3x3_ex1.0" in ops_pool.valid_ops(layer.in_shape, layer.out_shape))
+    choices[i] = "repvgg_3x3_ex1.0"
+    model = s.assemble(choices).train()
+    with torch.no_grad():  # non-trivial BN statistics, non-zero last norms
+        for p in model.layers[i].parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        for _ in range(3):
+            model(torch.randn(4, *result.input_size))
+    model.eval()
+    n_branchy = sum(isinstance(m, torch.nn.Conv2d) for m in model.layers[i].modules())
+    fused = _deploy(model)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in fused.layers[i].modules()) < n_branchy
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in model.layers[i].modules()) == n_branchy
+    out = publish.save_pretrained(model, tmp_path / "rep", teacher_name=result.teacher_name,
+                                  teacher_args=result.teacher_args, choices=choices,
+                                  input_size=result.input_size, report=result.report)
+    x = torch.randn(2, *result.input_size)
+    with torch.no_grad():
+        ref = model(x)
+        loaded = compressor.load(out)
+        trainable = compressor.load(out, fuse=False)
+        assert torch.allclose(fused(x), ref, atol=1e-4)
+        assert torch.allclose(loaded(x), ref, atol=1e-4)
+        assert torch.allclose(trainable(x), ref, atol=1e-5)
+    assert set(trainable.state_dict()) == set(model.state_dict())
+    assert set(loaded.state_dict()) != set(model.state_dict())
+    import onnx
+
+    graph = onnx.load(str(out / "onnx" / "model.onnx")).graph
+    assert sum(n.op_type == "Conv" for n in graph.node) == sum(
+        isinstance(m, torch.nn.Conv2d) for m in fused.modules())  # the fused form is exported
+    sess = ort.InferenceSession(str(out / "onnx" / "model.onnx"))
+    (y,) = sess.run(None, {"pixel_values": x.numpy()})
+    assert np.allclose(y, ref.numpy(), atol=1e-4)
