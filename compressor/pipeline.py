@@ -18,7 +18,7 @@ from torch import nn
 
 import ops_pool
 
-from ._errors import CompressorError, InfeasibleError, SearchError
+from ._errors import CompressorError, InfeasibleError, RecipeError, SearchError
 from .data import Images, load_images, scan_images, split_indices
 from .distill import OpResult, distill, load_op, load_weights
 from .evaluate import evaluate, mean_loss, predict
@@ -92,7 +92,13 @@ def arch_key(name: str, teacher: nn.Module, s: Split) -> str:
 
 
 def candidate_ops(s: Split, cfg: PoolCfg) -> dict[int, list[str]]:
-    """Per layer: ``teacher`` and the pool ops that fit its shapes and the recipe's filters."""
+    """Per layer: ``teacher`` and the pool ops that fit its shapes and the recipe's filters.
+
+    Raises:
+        RecipeError: an include pattern matches no registered op (an op named exactly that
+            fits none of the layers is logged as a warning: recipes serve several models).
+    """
+    _check_pool(s, cfg)
     out: dict[int, list[str]] = {}
     for i, layer in enumerate(s.layers):
         names = [TEACHER]
@@ -104,6 +110,30 @@ def candidate_ops(s: Split, cfg: PoolCfg) -> dict[int, list[str]]:
             names.append(op)
         out[i] = names
     return out
+
+
+def _check_pool(s: Split, cfg: PoolCfg) -> None:
+    import difflib
+
+    registered = ops_pool.list_ops()
+    for pattern in cfg.include:
+        if pattern == TEACHER or fnmatch.filter(registered, pattern):
+            continue
+        close = difflib.get_close_matches(pattern, registered, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise RecipeError(f"pool.include names '{pattern}', which matches no registered op{hint} "
+                          "(`hant pool list MODEL` lists the ops of each layer)")
+    shapes = [(layer.in_shape, layer.out_shape) for layer in s.layers]
+    for name in cfg.include:
+        if any(c in name for c in "*?[") or name == TEACHER:
+            continue
+        if not any(name in ops_pool.valid_ops(i, o) for i, o in set(shapes)):
+            sh = ", ".join(f"{i}: {'x'.join(map(str, a))} -> {'x'.join(map(str, b))}"
+                           for i, (a, b) in list(enumerate(shapes))[:4])
+            _logger.warning(
+                "pool.include names op '%s', which fits none of the %d layers of %s (layer "
+                "shapes %s%s); `hant pool list MODEL` shows which ops fit", name, len(shapes),
+                s.model_name, sh, ", ..." if len(shapes) > 4 else "")
 
 
 class Run:

@@ -210,7 +210,14 @@ class Split:
             return copy.deepcopy(layer.module)
         import ops_pool
 
-        return ops_pool.build(name, layer.in_shape, layer.out_shape)
+        try:
+            return ops_pool.build(name, layer.in_shape, layer.out_shape)
+        except ops_pool.OpsPoolError as exc:
+            raise SplitError(
+                f"{self.model_name} layer {index} '{layer.name}' (input "
+                f"{'x'.join(map(str, layer.in_shape))} -> output "
+                f"{'x'.join(map(str, layer.out_shape))}): {exc}"
+            ) from exc
 
     def assemble(
         self,

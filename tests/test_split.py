@@ -122,3 +122,28 @@ class _DataDependent(nn.Module):
 def test_untraceable_model():
     with pytest.raises(SplitError, match="_DataDependent: torch.fx cannot trace"):
         compressor.split(_DataDependent(), input_size=(3, 8, 8))
+
+
+def test_bad_op_names_say_op_layer_and_shapes(caplog):
+    from compressor import RecipeError
+    from compressor.pipeline import candidate_ops
+    from compressor.recipe import PoolCfg
+
+    s = compressor.split(timm.create_model("test_efficientnet").eval())
+    with pytest.raises(SplitError, match=r"layer 1 '.*' \(input .* -> output .*\).*'identity_x'.*"
+                                         r"Did you mean: identity"):
+        s.build_op(1, "identity_x")
+    i = next(i for i, layer in enumerate(s.layers) if layer.in_shape != layer.out_shape)
+    shape = "x".join(map(str, s.layers[i].in_shape))
+    with pytest.raises(SplitError, match=f"layer {i} .*input {shape} .*'identity' does not accept"):
+        s.build_op(i, "identity")
+    with pytest.raises(RecipeError, match="'efn_9x9_e1_se1.00'.*matches no registered op.*"
+                                          "efn_5x5_e1_se1.00"):
+        candidate_ops(s, PoolCfg(include=["efn_9x9_e1_se1.00"]))
+    tokens = compressor.split(timm.create_model("test_vit").eval())
+    with caplog.at_level("WARNING"):
+        ops = candidate_ops(tokens, PoolCfg(include=["efn_3x3_e1_se1.00", "mlp_*"]))
+    assert "'efn_3x3_e1_se1.00', which fits none of the" in caplog.text
+    assert all("efn_3x3_e1_se1.00" not in v for v in ops.values())
+    ops = candidate_ops(s, PoolCfg(include=["identity", "efn_3x3_*"]))
+    assert all(ops[j][0] == "teacher" for j in ops)
