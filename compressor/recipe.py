@@ -54,11 +54,12 @@ class DistillCfg:
     cache_activations: bool | str = "auto"  # auto: cache when it fits cache_max_mib and memory
     cache_max_mib: int = 4096
     memory_fraction: float = 0.5  # of the free memory, for the cache and a streaming group
+    workers: int | str = "auto"  # threads training ops side by side; auto: CPU threads, CUDA 1
     device: str = "auto"  # auto: this rank's GPU if CUDA is available, else cpu
     amp: bool | str = "auto"  # fp16 autocast + GradScaler; auto: on for CUDA, never on CPU
 
     SCHEDULE_FIELDS = ("group_size", "cache_activations", "cache_max_mib", "memory_fraction",
-                       "device", "amp")
+                       "workers", "device", "amp")
 
     def result_dict(self) -> dict:
         """The fields that decide the trained weights: what a distillation artifact is keyed by."""
@@ -214,11 +215,12 @@ def _validate(recipe: Recipe, source: str) -> None:
 
 
 def _validate_distill(d: DistillCfg, source: str) -> None:
-    g = d.group_size
-    if g != "auto" and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
-        raise RecipeError(
-            f"recipe {source}: distill.group_size is {g!r}; give auto or a whole number >= 1"
-        )
+    for key in ("group_size", "workers"):
+        g = getattr(d, key)
+        if g != "auto" and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            raise RecipeError(
+                f"recipe {source}: distill.{key} is {g!r}; give auto or a whole number >= 1"
+            )
     for key in ("cache_activations", "amp"):
         value = getattr(d, key)
         if value not in ("auto", True, False) or type(value) not in (str, bool):

@@ -28,6 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 OPS = ["efn_3x3_e1_se1.00", "cb_bottle_3x3_ex0.125"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: small and steady timings on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
@@ -48,10 +57,11 @@ def _run(tiny, tmp_path, name, cands=None, **cfg):
 
 
 def test_schedule_does_not_change_the_ops(tiny, tmp_path):
-    ref, ref_w = _run(tiny, tmp_path, "cached")  # auto: 12 images fit the cache
+    ref, ref_w = _run(tiny, tmp_path, "cached", workers=1)  # auto: 12 images fit the cache
     runs = {
         "paper": _run(tiny, tmp_path, "paper", group_size=1, cache_activations=False),
-        "streaming": _run(tiny, tmp_path, "streaming", cache_activations=False),
+        "streaming": _run(tiny, tmp_path, "streaming", cache_activations=False, workers=1),
+        "threads": _run(tiny, tmp_path, "threads", workers=2),
         "alone": _run(tiny, tmp_path, "alone", cands={1: ["cb_bottle_3x3_ex0.125"]}),
     }
     assert len(ref) == 6 and all(r.status == "ok" for r in ref.values())
@@ -101,7 +111,7 @@ def test_resume_is_per_op_and_a_diverging_op_fails_alone(tiny, tmp_path, monkeyp
 
     monkeypatch.setattr(distill_mod._OpTrainer, "step", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        _run(tiny, tmp_path, "resume")
+        _run(tiny, tmp_path, "resume", workers=1)
     assert len(list((tmp_path / "resume" / "d").glob("*/*.json"))) == 2
     monkeypatch.setattr(distill_mod._OpTrainer, "step", real_step)
     trained = []
@@ -126,7 +136,8 @@ def test_recipe_checks_the_schedule_fields(tmp_path):
     from compressor import RecipeError
 
     for text, match in [("group_size: many", "group_size"), ("cache_activations: maybe",
-                        "cache_activations"), ("amp: 3", "amp"), ("device: tpu", "device")]:
+                        "cache_activations"), ("amp: 3", "amp"), ("device: tpu", "device"),
+                        ("workers: 0", "workers")]:
         p = tmp_path / "r.yaml"
         p.write_text(f"distill:\n  {text}\n")
         with pytest.raises(RecipeError, match=match):
@@ -156,14 +167,9 @@ def test_two_torchrun_processes_give_the_single_process_pool(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("distilled ") == 1  # rank 0 speaks for both
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run = compressor.Run("test_efficientnet", data, "cpu", 0.5, checkpoint=ckpt,
-                             recipe=str(recipe), work_dir=tmp_path / "single", progress=False)
-        single = run.distill()
-    finally:
-        torch.set_num_threads(threads)
+    run = compressor.Run("test_efficientnet", data, "cpu", 0.5, checkpoint=ckpt,
+                         recipe=str(recipe), work_dir=tmp_path / "single", progress=False)
+    single = run.distill()  # one thread, like each torchrun rank
     root = tmp_path / "ranks" / run.distill_root.relative_to(tmp_path / "single")
     info = json.loads((root / "last_run.json").read_text())
     assert info["world_size"] == 2
