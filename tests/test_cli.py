@@ -6,6 +6,15 @@ from click.testing import CliRunner
 from compressor.cli import compress_main, hant
 
 
+@pytest.fixture
+def small_pool(tmp_path):
+    """A recipe with three ops per layer (the full pool has ~300: LUTs would take minutes)."""
+    path = tmp_path / "small.yaml"
+    path.write_text("base: default\npool:\n  include: [identity, efn_3x3_e1_se1.00, "
+                    "cb_bottle_3x3_ex0.125]\n")
+    return str(path)
+
+
 def _run(args, tmp_path):
     out = tmp_path / "out"
     res = CliRunner().invoke(compress_main, [*args, "--output", str(out), "--quiet",
@@ -50,9 +59,9 @@ def test_corrupt_lut(images, tmp_path):
     assert res.exit_code == 2 and "corrupt" in res.output and not out.exists()
 
 
-def test_speedup_below_reachable_minimum(images, tmp_path):
+def test_speedup_below_reachable_minimum(images, tmp_path, small_pool):
     res, out = _run(["test_efficientnet", "--random-init", "--data", str(images),
-                     "--speedup", "0.01"], tmp_path)
+                     "--speedup", "0.01", "--recipe", small_pool], tmp_path)
     assert res.exit_code == 2, res.output
     assert "ask for a speedup of at least" in res.output
     assert not out.exists()
@@ -67,18 +76,19 @@ def test_split_and_pool_commands():
     assert res.exit_code == 0 and "cpu" in res.output
 
 
-def test_lut_file_workflow(images, tmp_path):
+def test_lut_file_workflow(images, tmp_path, small_pool):
     lut = tmp_path / "lut.json"
-    res = CliRunner().invoke(hant, ["lut", "build", "test_resnet", "-o", str(lut), "--quiet"])
+    build = ["lut", "build", "test_resnet", "-o", str(lut), "--quiet", "--recipe", small_pool]
+    res = CliRunner().invoke(hant, build)
     assert res.exit_code == 0, res.output
     # a LUT of another model is refused, naming the first missing entry
     res, out = _run(["test_efficientnet", "--random-init", "--data", str(images),
-                     "--lut", str(lut)], tmp_path)
+                     "--lut", str(lut), "--recipe", small_pool], tmp_path)
     assert res.exit_code == 2 and "has no entry for op" in res.output and not out.exists()
     # a second build adds nothing: latency does not depend on the (random) weights
     import json
 
     before = set(json.loads(lut.read_text())["entries"])
-    res = CliRunner().invoke(hant, ["lut", "build", "test_resnet", "-o", str(lut), "--quiet"])
+    res = CliRunner().invoke(hant, build)
     assert res.exit_code == 0 and "wrote" in res.output
     assert set(json.loads(lut.read_text())["entries"]) == before
