@@ -429,6 +429,8 @@ class Run:
                 _logger.info("measured speedup %.3f misses %.3f; tightening the budget",
                              got, self.speedup)
             rec.update(prefilter=pre, rounds=len(rounds), method=cfg.method)
+            if hasattr(self, "measured_in_loop"):
+                rec["architectures_measured_in_loop"] = self.measured_in_loop
             self.search_rounds = rounds
             self.best = best
             if len(self.speedups) > 1:
@@ -441,7 +443,8 @@ class Run:
         cfg = self.recipe.search
         if cfg.method == "nsga2":
             sols = nsga2(a, b, budget, pop_size=cfg.pop_size, generations=cfg.generations,
-                         seed=self.recipe.data.seed, time_limit=cfg.time_limit)[: cfg.k]
+                         seed=self.recipe.data.seed, time_limit=cfg.time_limit,
+                         latency_fn=self._latency_in_loop())[: cfg.k]
             if not sols:
                 raise SearchError("NSGA-II found no architecture within the budget; use the "
                                   "integer program (--search ip) or a larger budget")
@@ -453,6 +456,27 @@ class Run:
         tau = kendall_tau([sol.objective for sol in sols], losses)
         j = min(range(len(sols)), key=losses.__getitem__)
         return sols, losses, tau, j
+
+    def _latency_in_loop(self):
+        """DONNA's hardware in the loop for NSGA-II: each architecture's latency measured end to
+        end on the target (less the LUT's stem and head, to stay on the layers' scale of the
+        budget), when the recipe asks for it and the target's hardware is here; else None (the
+        LUT sum)."""
+        if not self.recipe.search.hardware_in_loop:
+            return None
+        if not self._hardware_here():
+            note = ("search.hardware_in_loop: the target's hardware is not here, so NSGA-II "
+                    "used the LUT's latencies")
+            if note not in self.notes:
+                self.notes.append(note)
+            return None
+        fixed = self.stem_ms + self.head_ms
+
+        def measured(choices: list[str]) -> float:
+            self.measured_in_loop = getattr(self, "measured_in_loop", 0) + 1
+            return self._measure_student(choices) - fixed
+
+        return measured
 
     def _front(self, a, b, cand: Images, t_logits, final_round: dict) -> dict:
         """Best architecture per requested speedup, all from the same pool and LUT."""

@@ -81,6 +81,7 @@ class SearchCfg:
     method: str = "ip"  # ip (Eq. 4) | nsga2 (DONNA-style evolutionary search)
     pop_size: int = 64
     generations: int = 100
+    hardware_in_loop: bool = False  # NSGA-II: measure latency end to end (target hardware here)
     time_limit: float = 20.0
     verify_rounds: int = 3
     tolerance: float = 0.03
@@ -209,6 +210,8 @@ def _validate(recipe: Recipe, source: str) -> None:
             raise RecipeError(
                 f"recipe {source}: {section}.{key} is {value!r}; choose one of {', '.join(allowed)}"
             )
+    if not isinstance(recipe.search.hardware_in_loop, bool):
+        raise RecipeError(f"recipe {source}: search.hardware_in_loop must be true or false")
     if not 0 < recipe.search.overlap <= 1:
         raise RecipeError(f"recipe {source}: search.overlap must be in (0, 1]")
     _validate_distill(recipe.distill, source)

@@ -219,3 +219,19 @@ def test_repvgg_student_is_fused_for_export_latency_and_loading(run_result, tmp_
     sess = ort.InferenceSession(str(out / "onnx" / "model.onnx"))
     (y,) = sess.run(None, {"pixel_values": x.numpy()})
     assert np.allclose(y, ref.numpy(), atol=1e-4)
+
+
+def test_nsga2_with_hardware_in_the_loop(run_result):
+    """DONNA's hardware in the loop: NSGA-II's latency objective is measured end to end when the
+    target's hardware is here (cpu), and falls back to the LUT, with a note, when it is not."""
+    d = run_result
+    recipe = d["kwargs"]["recipe"].override("search", method="nsga2", pop_size=4, generations=2,
+                                              hardware_in_loop=True, k=2, verify_rounds=1)
+    kwargs = dict(d["kwargs"], recipe=recipe)
+    result = compressor.compress(d["teacher"], d["data"], "cpu", 0.6, **kwargs)
+    search = result.report["phases"]["search"]
+    assert search["method"] == "nsga2" and search["architectures_measured_in_loop"] >= 4
+    assert not any("hardware_in_loop" in n for n in result.report["notes"])
+    result = compressor.compress(d["teacher"], d["data"], "v100", 0.9, **kwargs)
+    assert "architectures_measured_in_loop" not in result.report["phases"]["search"]
+    assert any("hardware_in_loop" in n and "LUT" in n for n in result.report["notes"])
