@@ -132,6 +132,16 @@ def test_resume_is_per_op_and_a_diverging_op_fails_alone(tiny, tmp_path, monkeyp
     assert len(res) == 2 and len(trained) == 2
 
 
+def test_adding_ops_trains_only_the_new_ones(tiny, tmp_path):
+    first, first_w = _run(tiny, tmp_path, "grow", cands={0: ["teacher", OPS[0]]})
+    assert set(first) == {(0, OPS[0])}
+    both, both_w = _run(tiny, tmp_path, "grow", cands={0: ["teacher", *OPS], 1: [OPS[1]]})
+    info = json.loads((tmp_path / "grow" / "d" / "last_run.json").read_text())["ranks"][0]
+    assert info["trained"] == 2 and set(both) == {(0, OPS[0]), (0, OPS[1]), (1, OPS[1])}
+    assert both[(0, OPS[0])].loss == first[(0, OPS[0])].loss
+    assert all(torch.equal(t, first_w[(0, OPS[0])][k]) for k, t in both_w[(0, OPS[0])].items())
+
+
 def test_recipe_checks_the_schedule_fields(tmp_path):
     from compressor import RecipeError
 
