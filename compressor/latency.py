@@ -114,7 +114,8 @@ def op_key(split: Split, arch_key: str, index: int, op: str) -> str:
     """LUT op name: pool ops are shared across teachers; teacher layers and stem/head are not."""
     if op == TEACHER:
         return f"teacher@{arch_key}/{split.layers[index].name}"
-    return op
+    divisor = ops_pool.get_channel_divisor()  # the same name builds other widths under another
+    return op if divisor == ops_pool.CHANNEL_DIVISOR else f"{op}@div{divisor}"
 
 
 def measure_model(model: nn.Module, input_size, target: Target,

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import timm
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+import ops_pool
+
 from ._errors import ModelError
 from .split import TransformedNet, split
 
@@ -39,6 +41,7 @@ class HantNet(TransformedNet):
         choices: Sequence[str] = (),
         teacher_args: dict | None = None,
         input_size: Sequence[int] | None = None,
+        channel_divisor: int = ops_pool.CHANNEL_DIVISOR,
         **kwargs,
     ):
         if not isinstance(teacher, str) or not timm.is_model(teacher):
@@ -51,7 +54,8 @@ class HantNet(TransformedNet):
                                                               "global_pool")})
         net = timm.create_model(teacher, pretrained=False, **args)
         s = split(net.eval(), input_size=input_size)
-        built = s.assemble(list(choices))
+        with ops_pool.channel_divisor(channel_divisor):
+            built = s.assemble(list(choices))
         super().__init__(built.stem, list(built.layers), built.head, built.choices)
         self.num_classes = getattr(net, "num_classes", 0)
         self.num_features = getattr(net, "num_features", 0)

@@ -91,6 +91,13 @@ def arch_key(name: str, teacher: nn.Module, s: Split) -> str:
     return digest(name, s.to_dict(), repr(teacher))
 
 
+def _divisor_key() -> tuple:
+    """Part of a cache key: a non-default channel divisor builds other widths under the same op
+    names (empty for the default, so that existing caches stay valid)."""
+    d = ops_pool.get_channel_divisor()
+    return () if d == ops_pool.CHANNEL_DIVISOR else (f"channel_divisor={d}",)
+
+
 def candidate_ops(s: Split, cfg: PoolCfg) -> dict[int, list[str]]:
     """Per layer: ``teacher`` and the pool ops that fit its shapes and the recipe's filters.
 
@@ -275,7 +282,8 @@ class Run:
         parts = self._images()
         cfg = self.recipe.distill
         # keyed by what decides the weights, not by the schedule (group size, cache, device)
-        key = digest(cfg.result_dict(), self.data_fp["distill"], self.data_cfg)
+        key = digest(cfg.result_dict(), self.data_fp["distill"], self.data_cfg,
+                     *_divisor_key())
         self.distill_root = self.store.path(self.teacher_key, "distill", key)
         train = self.candidates
         if hasattr(self, "b"):

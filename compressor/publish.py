@@ -120,6 +120,7 @@ def save_pretrained(
             "choices": list(choices),
             "teacher_args": dict(teacher_args),
             "input_size": list(input_size),
+            "channel_divisor": getattr(model, "channel_divisor", ops_pool.get_channel_divisor()),
         }
         save_for_hf(model, str(tmp), model_args=model_args, safe_serialization=True)
         (tmp / "README.md").write_text(model_card(report))
@@ -176,7 +177,8 @@ def _load(path: Path, teacher: nn.Module | None) -> nn.Module:
 
         return timm.create_model(f"local-dir:{path}", pretrained=True).eval()
     s = split(teacher.eval(), input_size=args.get("input_size"))
-    model = s.assemble(args["choices"])
+    with ops_pool.channel_divisor(args.get("channel_divisor", ops_pool.CHANNEL_DIVISOR)):
+        model = s.assemble(args["choices"])
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     return model.eval()
 

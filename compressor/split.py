@@ -20,6 +20,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+import ops_pool
+
 from ._errors import SplitError
 
 __all__ = ["Layer", "Split", "split", "TEACHER"]
@@ -208,8 +210,6 @@ class Split:
         layer = self.layers[index]
         if name == TEACHER:
             return copy.deepcopy(layer.module)
-        import ops_pool
-
         try:
             return ops_pool.build(name, layer.in_shape, layer.out_shape)
         except ops_pool.OpsPoolError as exc:
@@ -242,6 +242,7 @@ class Split:
                 op.load_state_dict(weights[i])
             ops.append(op)
         net = TransformedNet(copy.deepcopy(self.stem), ops, copy.deepcopy(self.head), list(choices))
+        net.channel_divisor = ops_pool.get_channel_divisor()  # the widths the ops were built with
         for attr in ("num_classes", "num_features", "pretrained_cfg"):
             if hasattr(self.teacher, attr):
                 setattr(net, attr, copy.deepcopy(getattr(self.teacher, attr)))

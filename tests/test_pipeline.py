@@ -235,3 +235,34 @@ def test_nsga2_with_hardware_in_the_loop(run_result):
     result = compressor.compress(d["teacher"], d["data"], "v100", 0.9, **kwargs)
     assert "architectures_measured_in_loop" not in result.report["phases"]["search"]
     assert any("hardware_in_loop" in n and "LUT" in n for n in result.report["notes"])
+
+
+def test_channel_divisor_travels_with_the_model_and_keys(run_result, tmp_path):
+    """Ops built under another channel divisor have other widths under the same names: the LUT
+    key says so, and a saved model rebuilds with its own divisor."""
+    import ops_pool
+    from compressor import publish
+    from compressor.latency import op_key
+    from compressor.split import TEACHER, split
+
+    result = run_result["result"]
+    s = split(run_result["teacher"].eval(), input_size=result.input_size)
+    op = "cb_bottle_3x3_ex0.125"
+    i = next(i for i, layer in enumerate(s.layers)
+             if op in ops_pool.valid_ops(layer.in_shape, layer.out_shape))
+    choices = [TEACHER] * len(s.layers)
+    choices[i] = op
+    with ops_pool.channel_divisor(16):
+        model = s.assemble(choices).eval()
+        assert op_key(s, "arch", i, op) == f"{op}@div16"
+    assert op_key(s, "arch", i, op) == op
+    assert model.layers[i].state_dict()["0.weight"].shape[0] == 16  # 8 under the default
+    out = publish.save_pretrained(model, tmp_path / "div16", teacher_name=result.teacher_name,
+                                  teacher_args=result.teacher_args, choices=choices,
+                                  input_size=result.input_size, report=result.report, onnx=False)
+    x = torch.randn(2, *result.input_size)
+    with torch.no_grad():
+        ref = model(x)
+        via_timm = timm.create_model(f"local-dir:{out}", pretrained=True).eval()(x)
+        assert torch.allclose(via_timm, ref, atol=1e-5)
+        assert torch.allclose(compressor.load(out)(x), ref, atol=1e-5)
