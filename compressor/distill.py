@@ -319,7 +319,7 @@ class _Context:
     teacher: _Teacher
     cache: _Cache | None
     batches: list[tuple[int, int, torch.Tensor]]
-    scale: list[float]
+    scale: list[float] | None
     device: torch.device
     amp: bool
     bar: object
@@ -365,13 +365,16 @@ def _train_with(split, pending, images: Images, cfg: DistillCfg, store: Store, r
         cache = _Cache(teacher, images.x, bs)
         _logger.info("distill: cached the teacher's activations of %d images (%d MiB) in %.1f s",
                      n, cache.nbytes // _MIB, time.perf_counter() - t1)
-        scale = _scales(cache.acts, bs)
+        first = batches[0][2]
+        scale = _scales([a[first] for a in cache.acts])
         g = cfg.group_size if cfg.group_size != "auto" else max(map(len, _by_layer(pending)))
     else:
-        scale = _scales(teacher(images.x[:bs]), bs)
+        scale = None  # from the first streamed batch (no extra teacher pass), see _train_group
         g = cfg.group_size
         if g == "auto":
-            g = auto_group_size(split, pending, teacher(images.x[:1]), cfg, device,
+            # fp32 activations: the trial runs the ops outside autocast (fp16 under AMP)
+            g = auto_group_size(split, pending, [a.float() for a in teacher(images.x[:1])],
+                                cfg, device,
                                 budget - per_sample * bs, bs)
     rank, world = shard
     _logger.info("distill: %d ops on %s (%s, %s, %d worker(s)%s)", len(pending), device,
@@ -408,10 +411,11 @@ def _by_layer(pending) -> list[list[tuple[int, str]]]:
     return list(layers.values())
 
 
-def _scales(acts: list[torch.Tensor], bs: int) -> list[float]:
-    """Mean square of each teacher layer's output on the first batch: a per-layer constant that
-    makes the MSE comparable across layers (one learning rate suits all)."""
-    return [max(float(a[:bs].float().pow(2).mean()), 1e-6) for a in acts[1:]]
+def _scales(acts: list[torch.Tensor]) -> list[float]:
+    """Mean square of each teacher layer's output on the first batch of the stream: a per-layer
+    constant that makes the MSE comparable across layers (one learning rate suits all). Every
+    schedule takes it from the same batch, so the losses do not depend on the schedule."""
+    return [max(float(a.float().pow(2).mean()), 1e-6) for a in acts[1:]]
 
 
 def auto_group_size(split: Split, pending, acts1: list[torch.Tensor], cfg: DistillCfg,
@@ -565,7 +569,10 @@ def _train_group(split: Split, group, ctx: _Context,
         return
     trainers = [_OpTrainer(split, i, op, ctx) for i, op in group]
     for epoch, b, idx in ctx.batches:
-        ctx.workers.map(partial(_step, ctx.teacher(ctx.images.x[idx]), ctx, epoch, b), trainers)
+        acts = ctx.teacher(ctx.images.x[idx])
+        if ctx.scale is None:
+            ctx.scale = _scales(acts)
+        ctx.workers.map(partial(_step, acts, ctx, epoch, b), trainers)
     for t in trainers:
         save(*t.result())
 

@@ -60,6 +60,7 @@ class HantNet(TransformedNet):
         self.num_classes = getattr(net, "num_classes", 0)
         self.num_features = getattr(net, "num_features", 0)
         self.teacher_name = teacher
+        self.channel_divisor = channel_divisor
 
 
 def _cfg(**kwargs) -> dict:

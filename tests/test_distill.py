@@ -62,6 +62,8 @@ def test_schedule_does_not_change_the_ops(tiny, tmp_path):
         "paper": _run(tiny, tmp_path, "paper", group_size=1, cache_activations=False),
         "streaming": _run(tiny, tmp_path, "streaming", cache_activations=False, workers=1),
         "threads": _run(tiny, tmp_path, "threads", workers=2),
+        "streaming_threads": _run(tiny, tmp_path, "streaming_threads", cache_activations=False,
+                                  group_size=2, workers=2),
         "alone": _run(tiny, tmp_path, "alone", cands={1: ["cb_bottle_3x3_ex0.125"]}),
     }
     assert len(ref) == 6 and all(r.status == "ok" for r in ref.values())
