@@ -238,17 +238,32 @@ def _act_numel(split: Split) -> list[int]:
 
 
 class _Cache:
-    """The teacher's x_0 .. x_N for the whole distill set, computed once in batches."""
+    """The teacher's x_0 .. x_N for the whole distill set, computed once, batch by batch in the
+    first epoch's order: a first-epoch batch is then a slice (a view, no copy) of the cache and
+    holds exactly what a streaming teacher pass over that batch computes."""
 
-    def __init__(self, teacher: _Teacher, x: torch.Tensor, bs: int):
+    def __init__(self, teacher: _Teacher, x: torch.Tensor, batches):
+        first = [idx for epoch, _, idx in batches if epoch == 0]
+        order = torch.cat(first)
+        self.row = torch.empty_like(order)
+        self.row[order] = torch.arange(len(order))
         self.acts: list[torch.Tensor] = []
-        for s in range(0, len(x), bs):
-            chunk = teacher(x[s : s + bs])
+        s = 0
+        for idx in first:
+            chunk = teacher(x[idx])
             if not self.acts:
                 self.acts = [torch.empty((len(x), *a.shape[1:]), dtype=a.dtype, device=a.device)
                              for a in chunk]
             for store, a in zip(self.acts, chunk):
                 store[s : s + len(a)] = a
+            s += len(idx)
+        self.bs = len(first[0])
+
+    def batch(self, j: int, epoch: int, b: int, idx: torch.Tensor) -> torch.Tensor:
+        """x_j of batch `b` of `epoch` (images `idx`)."""
+        if epoch == 0:
+            return self.acts[j][b * self.bs : b * self.bs + len(idx)]
+        return self.acts[j][self.row[idx]]
 
     @property
     def nbytes(self) -> int:
@@ -362,11 +377,11 @@ def _train_with(split, pending, images: Images, cfg: DistillCfg, store: Store, r
     cache = None
     if _use_cache(cfg, per_sample * n, budget):
         t1 = time.perf_counter()
-        cache = _Cache(teacher, images.x, bs)
+        cache = _Cache(teacher, images.x, batches)
         _logger.info("distill: cached the teacher's activations of %d images (%d MiB) in %.1f s",
                      n, cache.nbytes // _MIB, time.perf_counter() - t1)
-        first = batches[0][2]
-        scale = _scales([a[first] for a in cache.acts])
+        epoch, b, idx = batches[0]
+        scale = _scales([cache.batch(j, epoch, b, idx) for j in range(len(cache.acts))])
         g = cfg.group_size if cfg.group_size != "auto" else max(map(len, _by_layer(pending)))
     else:
         scale = None  # from the first streamed batch (no extra teacher pass), see _train_group
@@ -555,13 +570,21 @@ def _train_group(split: Split, group, ctx: _Context,
     group (its ops shared among the workers), which is saved at the end."""
     last_epoch = ctx.cfg.epochs - 1
     if ctx.cache is not None:
-        acts = ctx.cache.acts
+        cache = ctx.cache
 
         def train(key: tuple[int, str]) -> None:
             i = key[0]
             t = _OpTrainer(split, i, key[1], ctx)
+            version = cache.acts[i]._version
             for epoch, b, idx in ctx.batches:
-                t.step(acts[i][idx], acts[i + 1][idx], ctx.scale[i], epoch, b, epoch == last_epoch)
+                t.step(cache.batch(i, epoch, b, idx), cache.batch(i + 1, epoch, b, idx),
+                       ctx.scale[i], epoch, b, epoch == last_epoch)
+                if cache.acts[i]._version != version:  # the batch is a view of the cache
+                    raise DistillError(
+                        f"op '{key[1]}' on layer {i} changed its input in place, which would "
+                        "corrupt the cached teacher activations; make its first operation out "
+                        "of place (e.g. ReLU(inplace=False)) or set distill.cache_activations: "
+                        "false")
                 ctx.advance()
             save(*t.result())
 

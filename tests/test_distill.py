@@ -190,3 +190,25 @@ def test_two_torchrun_processes_give_the_single_process_pool(tmp_path):
         other = json.loads((root / f"{i:03d}" / f"{op}.json").read_text())
         assert other["status"] == r.status == "ok"
         assert other["loss"] == pytest.approx(r.loss, rel=1e-4, abs=1e-6), (i, op)
+
+
+def test_an_op_that_changes_its_input_in_place_is_refused_from_the_cache(tiny, tmp_path):
+    import ops_pool
+    from compressor import DistillError
+
+    @ops_pool.register("inplace_relu_test", accepts=lambda i, o: ops_pool.conv_stride(i, o) == 2)
+    def _build(in_shape, out_shape):
+        return torch.nn.Sequential(torch.nn.ReLU(inplace=True),
+                                   torch.nn.Conv2d(in_shape[0], out_shape[0], 1, stride=2))
+
+    try:
+        s, _, _ = tiny
+        i = next(i for i, layer in enumerate(s.layers)
+                 if "inplace_relu_test" in ops_pool.valid_ops(layer.in_shape, layer.out_shape))
+        with pytest.raises(DistillError, match="changed its input in place"):
+            _run(tiny, tmp_path, "inplace", cands={i: ["inplace_relu_test"]})
+        res, _ = _run(tiny, tmp_path, "inplace_stream", cands={i: ["inplace_relu_test"]},
+                      cache_activations=False)
+        assert res[(i, "inplace_relu_test")].status == "ok"
+    finally:
+        ops_pool.unregister("inplace_relu_test")
