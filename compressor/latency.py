@@ -16,7 +16,7 @@ import latency_luts
 import ops_pool
 from latency_luts import LUT, Target
 
-from .split import TEACHER, Split
+from .split import TEACHER, Split, format_shape
 from .store import Store
 
 __all__ = ["resolve_target", "layer_latencies", "measure_model", "op_key", "can_measure",
@@ -136,19 +136,16 @@ def _deploy(module: nn.Module) -> nn.Module:
     return ops_pool.reparameterize(module).eval()
 
 
-def _shape(s) -> str:
-    return "x".join(str(v) for v in s)
-
-
 def _mismatch(split: Split, lut: LUT, item: tuple) -> str:
     """What the first missing entry is, in words, and what the LUT has instead."""
     name, in_shape, out_shape, _, where = item
     t = lut.target
-    what = (f"op '{name}' ({where}, input {_shape(in_shape)} -> output {_shape(out_shape)}, "
-            f"batch {t.batch}, {t.precision})")
+    what = (f"op '{name}' ({where}, input {format_shape(in_shape)} -> output "
+            f"{format_shape(out_shape)}, batch {t.batch}, {t.precision})")
     same_op = lut.ops_named(name)
     if same_op:
-        have = sorted({_shape(e["in_shape"]) + " -> " + _shape(e["out_shape"]) for e in same_op})
+        have = sorted({format_shape(e["in_shape"]) + " -> " + format_shape(e["out_shape"])
+                       for e in same_op})
         hint = f"it has that op only at {', '.join(have[:3])}"
     elif "@" in name:
         kind = name.split("@", 1)[0]

@@ -28,7 +28,7 @@ from .fitness import Fitness, fitness
 from .latency import can_measure, layer_latencies, measure_model, resolve_target
 from .recipe import PoolCfg, Recipe, load_recipe
 from .search import Solution, kendall_tau, min_latency, solve
-from .split import TEACHER, Split, split
+from .split import TEACHER, Split, format_shape, split
 from .store import Store, default_work_dir, digest, tensor_digest
 from .teacher import load_teacher
 
@@ -105,21 +105,33 @@ def candidate_ops(s: Split, cfg: PoolCfg) -> dict[int, list[str]]:
         RecipeError: an include pattern matches no registered op (an op named exactly that
             fits none of the layers is logged as a warning: recipes serve several models).
     """
-    _check_pool(s, cfg)
+    _check_patterns(cfg)
     out: dict[int, list[str]] = {}
+    fitting: set[str] = set()
     for i, layer in enumerate(s.layers):
+        valid = ops_pool.valid_ops(layer.in_shape, layer.out_shape)
+        fitting.update(valid)
         names = [TEACHER]
-        for op in ops_pool.valid_ops(layer.in_shape, layer.out_shape):
+        for op in valid:
             if not any(fnmatch.fnmatchcase(op, p) for p in cfg.include):
                 continue
             if any(fnmatch.fnmatchcase(op, p) for p in cfg.exclude):
                 continue
             names.append(op)
         out[i] = names
+    for name in cfg.include:
+        if name != TEACHER and not any(c in name for c in "*?[") and name not in fitting:
+            sh = ", ".join(f"{i}: {format_shape(x.in_shape)} -> {format_shape(x.out_shape)}"
+                           for i, x in enumerate(s.layers[:4]))
+            _logger.warning(
+                "pool.include names op '%s', which fits none of the %d layers of %s (layer "
+                "shapes %s%s); `hant pool list MODEL` shows which ops fit", name, len(s.layers),
+                s.model_name, sh, ", ..." if len(s.layers) > 4 else "")
     return out
 
 
-def _check_pool(s: Split, cfg: PoolCfg) -> None:
+def _check_patterns(cfg: PoolCfg) -> None:
+    """Every include pattern must match some registered op (a typo would silently drop it)."""
     import difflib
 
     registered = ops_pool.list_ops()
@@ -130,17 +142,6 @@ def _check_pool(s: Split, cfg: PoolCfg) -> None:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise RecipeError(f"pool.include names '{pattern}', which matches no registered op{hint} "
                           "(`hant pool list MODEL` lists the ops of each layer)")
-    shapes = [(layer.in_shape, layer.out_shape) for layer in s.layers]
-    for name in cfg.include:
-        if any(c in name for c in "*?[") or name == TEACHER:
-            continue
-        if not any(name in ops_pool.valid_ops(i, o) for i, o in set(shapes)):
-            sh = ", ".join(f"{i}: {'x'.join(map(str, a))} -> {'x'.join(map(str, b))}"
-                           for i, (a, b) in list(enumerate(shapes))[:4])
-            _logger.warning(
-                "pool.include names op '%s', which fits none of the %d layers of %s (layer "
-                "shapes %s%s); `hant pool list MODEL` shows which ops fit", name, len(shapes),
-                s.model_name, sh, ", ..." if len(shapes) > 4 else "")
 
 
 class Run:

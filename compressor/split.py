@@ -24,12 +24,17 @@ import ops_pool
 
 from ._errors import SplitError
 
-__all__ = ["Layer", "Split", "split", "TEACHER"]
+__all__ = ["Layer", "Split", "split", "TEACHER", "format_shape"]
 
 _logger = logging.getLogger(__name__)
 
 TEACHER = "teacher"
 _CONTAINER_TYPES: tuple[type[nn.Module], ...] = (nn.Sequential, nn.ModuleList)
+
+
+def format_shape(shape) -> str:
+    """A per-sample shape as text, e.g. ``(24, 80, 80)`` -> ``24x80x80``."""
+    return "x".join(str(v) for v in shape)
 
 
 @dataclass
@@ -215,8 +220,7 @@ class Split:
         except ops_pool.OpsPoolError as exc:
             raise SplitError(
                 f"{self.model_name} layer {index} '{layer.name}' (input "
-                f"{'x'.join(map(str, layer.in_shape))} -> output "
-                f"{'x'.join(map(str, layer.out_shape))}): {exc}"
+                f"{format_shape(layer.in_shape)} -> output {format_shape(layer.out_shape)}): {exc}"
             ) from exc
 
     def assemble(
