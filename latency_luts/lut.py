@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._errors import LutError
+from .files import atomic_write
 from .target import Target
 
 __all__ = ["LUT", "FORMAT", "VERSION", "entry_key"]
@@ -170,18 +170,8 @@ class LUT:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temp file + rename): an interrupted save leaves the old file intact."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        text = json.dumps(self.to_dict(), indent=1)
+        return atomic_write(path, lambda p: p.write_text(text))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LUT:

@@ -24,6 +24,8 @@ def test_lut_roundtrip(tmp_path):
     d = json.loads(path.read_text())
     assert d["format"] == "hant-lut" and d["version"] == latency_luts.VERSION
     assert list(d["entries"]) == ["identity|8x4x4|8x4x4|b1|fp32"]
+    assert path.stat().st_mode & 0o777 == 0o644  # readable like any artifact
+    assert [p.name for p in tmp_path.iterdir()] == ["lut.json"]  # no temp file left
 
 
 def test_corrupt_and_foreign_lut(tmp_path):
