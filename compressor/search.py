@@ -66,11 +66,19 @@ class Solution:
     latency_ms: float  # LUT sum over layers (stem and head excluded)
     status: str  # optimal | feasible | time-limited
     seconds: float = 0.0  # solver wall time spent on this solution
+    bound: float | None = None  # proven lower bound on this k's optimum (None: unknown)
+
+    @property
+    def gap(self) -> float | None:
+        """Proven relative gap to this k's optimum: 0 when optimal, None when unknown."""
+        if self.bound is None:
+            return None
+        return max(0.0, self.objective - self.bound) / max(abs(self.objective), 1e-12)
 
     def to_dict(self) -> dict:
         return {"choices": self.choices, "objective": self.objective,
                 "latency_ms": self.latency_ms, "status": self.status,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "bound": self.bound, "gap": self.gap}
 
 
 def min_latency(b: list[dict[str, float]]) -> float:
@@ -223,7 +231,7 @@ class _Highs:
     def __init__(self, pool: _Pool, budget_ms: float, time_limit: float, gap: float = 0.0):
         import highspy
 
-        self.hs = highspy
+        self.hs, self.bound = highspy, None
         h = highspy.Highs()
         for key, value in (("output_flag", False), ("threads", 1), ("mip_rel_gap", gap),
                            ("mip_abs_gap", _ABS_GAP), ("time_limit", float(time_limit)),
@@ -281,6 +289,7 @@ class _Highs:
 
     def run(self) -> tuple[str, list[int] | None, list[list[int]]]:
         h, hs = self.h, self.hs
+        self.bound = None
         h.run()
         found = [x for x in (self._decode(s.col_value) for s in h.getSavedMipSolutions()) if x]
         ms = h.getModelStatus()
@@ -292,6 +301,7 @@ class _Highs:
             return h.modelStatusToString(ms), None, found
         idx = self._decode(h.getSolution().col_value)
         info = h.getInfo()
+        self.bound = float(info.mip_dual_bound)
         proven = abs(info.objective_function_value - info.mip_dual_bound) <= 2 * _ABS_GAP
         if ms == hs.HighsModelStatus.kOptimal and proven:
             status = "optimal"
@@ -472,12 +482,16 @@ def solve(
             _logger.info("stopped after %d solutions: %s", s, status)
             break
         choices = [pool.names[i][j] for i, j in enumerate(idx)]
+        objective = float(sum(a[i][c] for i, c in enumerate(choices)))
+        bound = _bound(model)
         out.append(Solution(
             choices,
-            float(sum(a[i][c] for i, c in enumerate(choices))),
+            objective,
             float(sum(b[i][c] for i, c in enumerate(choices))),
             status,
             elapsed,
+            objective if status == "optimal" else (
+                None if bound is None else min(objective, bound * pool.scale)),
         ))
         _logger.info("solution %d: %s, objective %.9g, %.3f s, %d ops in the model", s + 1,
                      status, out[-1].objective, elapsed, pool.size())
@@ -489,6 +503,12 @@ def solve(
     _logger.info("%d solutions with %d of %d ops in the model", len(out), pool.size(),
                  sum(len(x) for x in a))
     return out
+
+
+def _bound(model) -> float | None:
+    """The solver's proven lower bound on this k's optimum (scaled), None if it has none."""
+    bound = getattr(model, "bound", None)
+    return float(bound) if bound is not None and math.isfinite(bound) else None
 
 
 class _Incumbents:

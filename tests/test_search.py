@@ -216,3 +216,23 @@ def test_a_gap_marks_unproven_solutions_feasible(solver):
     assert sol.objective <= exact.objective * 2 + 1e-9
     if sol.objective > exact.objective + 1e-9:
         assert sol.status == "feasible"
+
+
+def test_every_solution_records_a_proven_bound_and_gap():
+    """Optimal: bound = objective, gap 0. Stopped early by a gap: HiGHS's dual bound, which must
+    not exceed the true optimum of that k (checked against the exact solve)."""
+    from benchmarks.search_speed import make_instance
+
+    a, b = make_instance(layers=12, ops=30, seed=3)
+    budget = 0.5 * sum(x["teacher"] for x in b)
+    exact = solve(a, b, budget, k=3, solver="highs")
+    for s in exact:
+        assert s.status == "optimal" and s.bound == s.objective and s.gap == 0.0
+        assert s.to_dict()["gap"] == 0.0
+    loose = solve(a, b, budget, k=1, solver="highs", gap=0.05)[0]
+    assert loose.bound is not None
+    assert loose.bound <= exact[0].objective + 1e-12 <= loose.objective + 2e-12
+    assert loose.gap == pytest.approx((loose.objective - loose.bound) / loose.objective)
+    # a PuLP solver reports no bound for what it did not prove
+    cbc = solve(a, b, budget, k=1, solver="PULP_CBC_CMD", gap=0.05)[0]
+    assert cbc.bound is None if cbc.status != "optimal" else cbc.gap == 0.0
