@@ -343,6 +343,7 @@ class _Pulp:
         for i, names in enumerate(pool.names):
             prob += pulp.lpSum(z[(i, j)] for j in range(len(names))) == 1, f"one_{i}"
         self.prob, self.z, self.rows = prob, z, 0
+        self.bound = None  # PuLP reports no dual bound: only an optimum counts as proven
 
     def add_ops(self, ops: list[tuple[int, int]]) -> None:
         for key in ops:
@@ -483,15 +484,20 @@ def solve(
             break
         choices = [pool.names[i][j] for i, j in enumerate(idx)]
         objective = float(sum(a[i][c] for i, c in enumerate(choices)))
-        bound = _bound(model)
+        bound = model.bound  # the solver's proven lower bound on this k's optimum, scaled
+        if status == "optimal":
+            bound = objective
+        elif bound is not None and math.isfinite(bound):
+            bound = min(objective, bound * pool.scale)
+        else:
+            bound = None
         out.append(Solution(
             choices,
             objective,
             float(sum(b[i][c] for i, c in enumerate(choices))),
             status,
             elapsed,
-            objective if status == "optimal" else (
-                None if bound is None else min(objective, bound * pool.scale)),
+            bound,
         ))
         _logger.info("solution %d: %s, objective %.9g, %.3f s, %d ops in the model", s + 1,
                      status, out[-1].objective, elapsed, pool.size())
@@ -503,12 +509,6 @@ def solve(
     _logger.info("%d solutions with %d of %d ops in the model", len(out), pool.size(),
                  sum(len(x) for x in a))
     return out
-
-
-def _bound(model) -> float | None:
-    """The solver's proven lower bound on this k's optimum (scaled), None if it has none."""
-    bound = getattr(model, "bound", None)
-    return float(bound) if bound is not None and math.isfinite(bound) else None
 
 
 class _Incumbents:
