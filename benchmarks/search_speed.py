@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         "first_solution_seconds": round(sols[0].seconds, 4),
         "max_solution_seconds": round(max(s.seconds for s in sols), 4),
         "seconds_per_solution": [round(s.seconds, 3) for s in sols],
+        "nodes_per_solution": [s.nodes for s in sols],  # branch-and-bound nodes (None: PuLP)
         f"optimal_within_{args.goal_seconds:g}s": _within(sols, args.goal_seconds),
         "objective_first": sols[0].objective, "objective_last": sols[-1].objective,
         # proven relative gap of the worst solution (0 when all are optimal; None: one has none)

@@ -67,6 +67,7 @@ class Solution:
     status: str  # optimal | feasible | time-limited
     seconds: float = 0.0  # solver wall time spent on this solution
     bound: float | None = None  # proven lower bound on this k's optimum (None: unknown)
+    nodes: int | None = None  # branch-and-bound nodes the solver used (None: not reported)
 
     @property
     def gap(self) -> float | None:
@@ -78,7 +79,8 @@ class Solution:
     def to_dict(self) -> dict:
         return {"choices": self.choices, "objective": self.objective,
                 "latency_ms": self.latency_ms, "status": self.status,
-                "seconds": self.seconds, "bound": self.bound, "gap": self.gap}
+                "seconds": self.seconds, "bound": self.bound, "gap": self.gap,
+                "nodes": self.nodes}
 
 
 def min_latency(b: list[dict[str, float]]) -> float:
@@ -231,7 +233,7 @@ class _Highs:
     def __init__(self, pool: _Pool, budget_ms: float, time_limit: float, gap: float = 0.0):
         import highspy
 
-        self.hs, self.bound = highspy, None
+        self.hs, self.bound, self.nodes = highspy, None, None
         h = highspy.Highs()
         for key, value in (("output_flag", False), ("threads", 1), ("mip_rel_gap", gap),
                            ("mip_abs_gap", _ABS_GAP), ("time_limit", float(time_limit)),
@@ -291,6 +293,7 @@ class _Highs:
         h, hs = self.h, self.hs
         self.bound = None
         h.run()
+        self.nodes = int(h.getInfo().mip_node_count)
         found = [x for x in (self._decode(s.col_value) for s in h.getSavedMipSolutions()) if x]
         ms = h.getModelStatus()
         if h.getInfo().primal_solution_status != 2:  # no feasible point
@@ -344,6 +347,7 @@ class _Pulp:
             prob += pulp.lpSum(z[(i, j)] for j in range(len(names))) == 1, f"one_{i}"
         self.prob, self.z, self.rows = prob, z, 0
         self.bound = None  # PuLP reports no dual bound: only an optimum counts as proven
+        self.nodes = None  # nor its node count
 
     def add_ops(self, ops: list[tuple[int, int]]) -> None:
         for key in ops:
@@ -498,9 +502,10 @@ def solve(
             status,
             elapsed,
             bound,
+            model.nodes,
         ))
-        _logger.info("solution %d: %s, objective %.9g, %.3f s, %d ops in the model", s + 1,
-                     status, out[-1].objective, elapsed, pool.size())
+        _logger.info("solution %d: %s, objective %.9g, %.3f s, %s nodes, %d ops in the model",
+                     s + 1, status, out[-1].objective, elapsed, model.nodes, pool.size())
         if status == "optimal":
             model.lower_bound(pool.objective(idx))
         pool.use(idx)
