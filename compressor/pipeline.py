@@ -460,7 +460,8 @@ class Run:
         else:
             sols = solve(a, b, budget, k=cfg.k, overlap=cfg.overlap, solver=cfg.solver,
                          time_limit=cfg.time_limit, teacher_ms=self.teacher_pred,
-                         fixed_ms=self.stem_ms + self.head_ms)
+                         fixed_ms=self.stem_ms + self.head_ms,
+                         total_time_limit=cfg.total_time_limit, gap=cfg.gap)
         losses = [self._candidate_loss(sol.choices, cand, t_logits) for sol in sols]
         tau = kendall_tau([sol.objective for sol in sols], losses)
         j = min(range(len(sols)), key=losses.__getitem__)

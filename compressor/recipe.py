@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -82,7 +83,9 @@ class SearchCfg:
     pop_size: int = 64
     generations: int = 100
     hardware_in_loop: bool = False  # NSGA-II: measure latency end to end (target hardware here)
-    time_limit: float = 20.0
+    time_limit: float = 20.0  # seconds per solution
+    total_time_limit: float | None = None  # seconds for all K solutions (None: no cap)
+    gap: float = 0.0  # relative gap a solution may stop at (0: prove every optimum)
     verify_rounds: int = 3
     tolerance: float = 0.03
 
@@ -214,7 +217,24 @@ def _validate(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"recipe {source}: search.hardware_in_loop must be true or false")
     if not 0 < recipe.search.overlap <= 1:
         raise RecipeError(f"recipe {source}: search.overlap must be in (0, 1]")
+    _validate_search_time(recipe.search, source)
     _validate_distill(recipe.distill, source)
+
+
+def _validate_search_time(c: SearchCfg, source: str) -> None:
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+
+    if not number(c.time_limit) or c.time_limit <= 0:
+        raise RecipeError(f"recipe {source}: search.time_limit is {c.time_limit!r}; give "
+                          "seconds per solution > 0")
+    if c.total_time_limit is not None and (not number(c.total_time_limit)
+                                           or c.total_time_limit <= 0):
+        raise RecipeError(f"recipe {source}: search.total_time_limit is "
+                          f"{c.total_time_limit!r}; give seconds > 0, or null for no cap")
+    if not number(c.gap) or not 0 <= c.gap < 1:
+        raise RecipeError(f"recipe {source}: search.gap is {c.gap!r}; give a relative gap in "
+                          "[0, 1) (0 proves every optimum)")
 
 
 def _validate_distill(d: DistillCfg, source: str) -> None:

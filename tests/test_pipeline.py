@@ -267,3 +267,29 @@ def test_channel_divisor_travels_with_the_model_and_keys(run_result, tmp_path):
         assert reloaded.channel_divisor == 16  # so that saving it again records 16
         assert torch.allclose(reloaded(x), ref, atol=1e-5)
         assert torch.allclose(compressor.load(out)(x), ref, atol=1e-5)
+
+
+def test_recipe_search_gap_and_total_time_reach_the_solver(run_result, monkeypatch):
+    """search.gap and search.total_time_limit go to the integer program, and every solution in
+    the report says what was proven (status, bound, gap, nodes)."""
+    from compressor import pipeline
+
+    d = run_result
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    real = pipeline.solve
+    monkeypatch.setattr(pipeline, "solve", spy)
+    recipe = d["kwargs"]["recipe"].override("search", gap=0.2, total_time_limit=30.0,
+                                              verify_rounds=1)
+    run = compressor.Run(d["teacher"], d["data"], "cpu", 0.6, **dict(d["kwargs"], recipe=recipe))
+    run.search()
+    assert seen and all(kw["gap"] == 0.2 and kw["total_time_limit"] == 30.0 for kw in seen)
+    sols = run.search_rounds[-1]["solutions"]  # what the report lists under search.rounds
+    for s in sols:
+        assert s["status"] in ("optimal", "feasible")
+        assert s["bound"] is not None and s["bound"] <= s["objective"] + 1e-12
+        assert 0.0 <= s["gap"] <= 0.2 + 1e-9 and isinstance(s["nodes"], int)

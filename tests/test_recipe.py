@@ -27,3 +27,24 @@ def test_recipe_values_are_checked(tmp_path):
     p.write_text("distill:\n  optimizer: lbfgs\n")
     with pytest.raises(RecipeError, match="distill.optimizer is 'lbfgs'"):
         load_recipe(str(p))
+
+
+@pytest.mark.parametrize("body, match", [
+    ("search:\n  gap: 1.5\n", "search.gap is 1.5"),
+    ("search:\n  gap: .nan\n", "search.gap is nan"),
+    ("search:\n  total_time_limit: -1\n", "search.total_time_limit is -1"),
+    ("search:\n  total_time_limit: soon\n", "search.total_time_limit is 'soon'"),
+    ("search:\n  time_limit: 0\n", "search.time_limit is 0"),
+])
+def test_search_time_and_gap_are_checked(tmp_path, body, match):
+    p = tmp_path / "r.yaml"
+    p.write_text(body)
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(str(p))
+
+
+def test_search_time_and_gap_defaults_prove_every_optimum():
+    r = load_recipe("default")
+    assert r.search.gap == 0.0 and r.search.total_time_limit is None
+    p = r.override("search", gap=0.01, total_time_limit=30)
+    assert (p.search.gap, p.search.total_time_limit) == (0.01, 30)
