@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from benchmarks.search_speed import make_instance
+from benchmarks.search_speed import as_arrays, make_instance
 from compressor.search import solve
 
 __all__ = ["counter_dp", "main"]
@@ -211,9 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     a_d, b_d = make_instance(args.layers, args.ops, args.seed)
     budget = args.speedup * sum(x["teacher"] for x in b_d)
-    names = [sorted(x) for x in a_d]
-    a = [np.array([a_d[i][op] for op in ops]) for i, ops in enumerate(names)]
-    b = [np.array([b_d[i][op] for op in ops]) for i, ops in enumerate(names)]
+    names, a, b = as_arrays(a_d, b_d)
     limit = math.floor(args.overlap * args.layers + 1e-9)
     t0 = time.perf_counter()
     sols = solve(a_d, b_d, budget, k=args.k, overlap=args.overlap, solver="highs",

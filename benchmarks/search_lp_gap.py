@@ -19,7 +19,7 @@ import math
 import highspy
 import numpy as np
 
-from benchmarks.search_speed import make_instance
+from benchmarks.search_speed import as_arrays, make_instance
 from compressor.search import solve
 
 
@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
 
     a_d, b_d = make_instance(args.layers, args.ops, args.seed)
-    names = [sorted(layer) for layer in a_d]
-    a = np.array([[a_d[i][op] for op in ops] for i, ops in enumerate(names)])
-    b = np.array([[b_d[i][op] for op in ops] for i, ops in enumerate(names)])
+    names, a, b = as_arrays(a_d, b_d)
     budget = args.speedup * sum(x["teacher"] for x in b_d)
     n = len(names)
     limit = math.floor(args.overlap * n + 1e-9)

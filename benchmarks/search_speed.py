@@ -26,7 +26,7 @@ import pulp
 from compressor.evolution import nsga2
 from compressor.search import solve
 
-__all__ = ["make_instance", "baseline", "main"]
+__all__ = ["make_instance", "as_arrays", "baseline", "main"]
 
 
 def make_instance(
@@ -62,6 +62,15 @@ def make_instance(
                   **{f"op{j:03d}": float(t[i] * r[j]) for j in range(m)}})
     return a, b
 
+
+
+def as_arrays(a, b) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
+    """The op names of each layer (sorted) and the loss and latency tables in that order.
+
+    For instances with the same number of ops in every layer, as `make_instance` builds."""
+    names = [sorted(layer) for layer in a]
+    return (names, np.array([[a[i][op] for op in ops] for i, ops in enumerate(names)]),
+            np.array([[b[i][op] for op in ops] for i, ops in enumerate(names)]))
 
 def baseline(
     a, b, budget_ms: float, k: int, overlap: float = 0.7, time_limit: float = 600.0

@@ -246,16 +246,12 @@ def test_highs_optima_match_an_independent_exact_dp_beyond_brute_force():
     same earlier solutions, equals the optimum of the counter dynamic program, an exact method
     that shares no code with the search (benchmarks/search_counter_dp.py). Also, HiGHS reports
     the nodes each proof took and the DP's Lagrangian bound never exceeds the optimum."""
-    import numpy as np
-
     from benchmarks.search_counter_dp import counter_dp
-    from benchmarks.search_speed import make_instance
+    from benchmarks.search_speed import as_arrays, make_instance
 
     a_d, b_d = make_instance(layers=12, ops=12, seed=1)
     budget = 0.5 * sum(x["teacher"] for x in b_d)
-    names = [sorted(x) for x in a_d]
-    a = [np.array([a_d[i][op] for op in ops]) for i, ops in enumerate(names)]
-    b = [np.array([b_d[i][op] for op in ops]) for i, ops in enumerate(names)]
+    names, a, b = as_arrays(a_d, b_d)
     sols = solve(a_d, b_d, budget, k=7, overlap=0.7, solver="highs")
     assert len(sols) == 7 and all(s.status == "optimal" for s in sols)
     assert all(isinstance(s.nodes, int) and s.nodes >= 0 for s in sols)
