@@ -63,7 +63,6 @@ def make_instance(
     return a, b
 
 
-
 def as_arrays(a, b) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
     """The op names of each layer (sorted) and the loss and latency tables in that order.
 
@@ -71,6 +70,7 @@ def as_arrays(a, b) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
     names = [sorted(layer) for layer in a]
     return (names, np.array([[a[i][op] for op in ops] for i, ops in enumerate(names)]),
             np.array([[b[i][op] for op in ops] for i, ops in enumerate(names)]))
+
 
 def baseline(
     a, b, budget_ms: float, k: int, overlap: float = 0.7, time_limit: float = 600.0

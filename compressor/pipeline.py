@@ -27,7 +27,7 @@ from .finetune import finetune
 from .fitness import Fitness, fitness
 from .latency import can_measure, layer_latencies, measure_model, resolve_target
 from .recipe import PoolCfg, Recipe, load_recipe
-from .search import Solution, kendall_tau, min_latency, solve
+from .search import Solution, check_solver, kendall_tau, min_latency, solve
 from .split import TEACHER, Split, format_shape, split
 from .store import Store, default_work_dir, digest, tensor_digest
 from .teacher import load_teacher
@@ -179,6 +179,8 @@ class Run:
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         if k is not None:
             self.recipe = self.recipe.override("search", k=int(k))
+        if self.recipe.search.method == "ip":
+            check_solver(self.recipe.search.solver)
         self.store = Store(work_dir or default_work_dir())
         self.lut, self.lut_path = resolve_target(target, self.store, lut=lut)
         self.data_set = scan_images(data)

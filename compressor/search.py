@@ -20,6 +20,12 @@ speed-ups, none of which can change any of the K optima:
   a tiny cutoff increment (its default makes it report solutions up to ~1e-4 worse as optimal,
   which happens at paper scale), and a HiGHS "optimal" counts only if its gap is <= 1e-6.
 
+`solver="gurobi"` drives Gurobi in process the same way (optional: `pip install
+'hant-compressor[gurobi]'`; the license bundled with gurobipy covers models up to 2000
+variables, enough at paper scale because only admitted ops become variables). It proves the
+same optima several times faster than HiGHS at paper scale (BENCHMARKS.md), without the bound
+row, which slows it down.
+
 `solver="PULP_CBC_CMD"` (CBC, bundled with PuLP) or any other PuLP solver name (e.g. `"HiGHS"`)
 goes through PuLP with the same reductions. Every solution records its status: `optimal`
 (proven within 1e-9 x the largest |a_ij|), `feasible` (found, not proven) or `time-limited`.
@@ -48,13 +54,14 @@ __all__ = [
     "min_latency",
     "fastest_speedup",
     "kendall_tau",
+    "check_solver",
     "SOLVERS",
 ]
 
 _logger = logging.getLogger(__name__)
 
 #: Solver names `solve` accepts besides any PuLP solver name.
-SOLVERS = ("highs", "PULP_CBC_CMD")
+SOLVERS = ("highs", "gurobi", "PULP_CBC_CMD")
 _SCALE = 1000.0  # the solvers see losses scaled to at most this in magnitude
 _ABS_GAP = 1e-6  # "optimal" = proven within this absolute gap of the scaled objective
 
@@ -318,16 +325,138 @@ class _Highs:
         return status, idx, found
 
 
+def _gurobi_env():
+    """gurobipy and a started, silent Gurobi environment; SearchError saying what to do if not."""
+    try:
+        import gurobipy as gp
+    except ImportError as e:
+        raise SearchError(
+            "solver 'gurobi' needs gurobipy: pip install 'hant-compressor[gurobi]' (its "
+            "bundled license solves models up to 2000 variables); or use solver 'highs'"
+        ) from e
+    try:
+        env = gp.Env(empty=True)
+        env.setParam("OutputFlag", 0)  # also keeps the license banner off stdout
+        env.start()
+    except gp.GurobiError as e:
+        raise SearchError(f"Gurobi could not start ({e}); check its license, or use "
+                          "solver 'highs'") from e
+    return gp, env
+
+
+def check_solver(solver: str) -> None:
+    """Raise SearchError now if `solve` could not use `solver`, so a run fails before any work."""
+    if solver == "highs":
+        return
+    if solver == "gurobi":
+        _gurobi_env()[1].dispose()
+        return
+    available = pulp.listSolvers(onlyAvailable=True)
+    if solver not in available:
+        raise SearchError(
+            f"solver '{solver}' is not available; use 'highs', 'gurobi' (needs gurobipy) or "
+            f"one of: {', '.join(available)}"
+        )
+
+
+class _Gurobi:
+    """Eq. 4 in one in-process Gurobi model, grown like `_Highs` (optional: needs `gurobipy`).
+
+    `pip install gurobipy` brings a size-limited license (2000 variables, 2000 rows) that is
+    enough at paper scale because only admitted ops become variables (~1000 of 46 x 197 for
+    K = 100 on the benchmark instance); larger models need a full Gurobi license.
+    """
+
+    _SIZE_LIMIT = 10010  # GurobiError code: model too large for a size-limited license
+
+    def __init__(self, pool: _Pool, budget_ms: float, time_limit: float, gap: float = 0.0):
+        gp, env = _gurobi_env()
+        self.gp, self.bound, self.nodes = gp, None, None
+        m = gp.Model(env=env)
+        for key, value in (("Threads", 1), ("MIPGap", gap), ("MIPGapAbs", _ABS_GAP),
+                           ("TimeLimit", float(time_limit)), ("Seed", 0)):
+            m.setParam(key, value)
+        self.env, self.m, self.pool, self.n = env, m, pool, len(pool.a)
+        zero = gp.LinExpr()
+        self.one = [m.addLConstr(zero, gp.GRB.EQUAL, 1.0) for _ in range(self.n)]
+        self.budget = m.addLConstr(zero, gp.GRB.LESS_EQUAL, float(budget_ms))
+        self.var: dict[tuple[int, int], object] = {}
+
+    def add_ops(self, ops: list[tuple[int, int]]) -> None:
+        for i, j in ops:
+            a, b = float(self.pool.a[i][j]), float(self.pool.b[i][j])
+            self.var[(i, j)] = self.m.addVar(
+                lb=0.0, ub=1.0, obj=a, vtype=self.gp.GRB.BINARY,
+                column=self.gp.Column([1.0, b], [self.one[i], self.budget]))
+
+    def add_overlap(self, idx: list[int], limit: int) -> None:
+        terms = self.gp.quicksum(self.var[(i, j)] for i, j in enumerate(idx))
+        self.m.addLConstr(terms, self.gp.GRB.LESS_EQUAL, float(limit))
+
+    def lower_bound(self, value: float) -> None:
+        # not a row here: Gurobi proves no faster with the previous optimum as one (measured in
+        # BENCHMARKS.md), and its dual bound is valid without it
+        pass
+
+    def set_time_limit(self, seconds: float) -> None:
+        self.m.setParam("TimeLimit", float(seconds))
+
+    def start(self, idx: tuple[int, ...]) -> None:
+        self.m.update()
+        chosen = {(i, j) for i, j in enumerate(idx)}
+        for key, v in self.var.items():
+            v.Start = 1.0 if key in chosen else 0.0
+
+    def _decode(self, values: list[float]) -> list[int] | None:
+        idx = [-1] * self.n
+        for (i, j), x in zip(self.var, values):
+            if x > 0.5:
+                idx[i] = j
+        return None if -1 in idx else idx
+
+    def run(self) -> tuple[str, list[int] | None, list[list[int]]]:
+        m, grb, gv = self.m, self.gp.GRB, list(self.var.values())
+        self.bound = None
+        try:
+            m.optimize()
+        except self.gp.GurobiError as e:
+            if e.errno == self._SIZE_LIMIT:
+                raise SearchError(
+                    f"the model ({len(gv)} ops, {m.NumConstrs} rows) is too large for Gurobi's "
+                    "size-limited license; use solver 'highs' or a full Gurobi license") from e
+            raise SearchError(f"Gurobi failed: {e}") from e
+        self.nodes = int(m.NodeCount)
+        found = []
+        for s in range(m.SolCount):
+            m.setParam("SolutionNumber", s)
+            x = self._decode(m.getAttr("Xn", gv))
+            if x:
+                found.append(x)
+        if m.SolCount == 0:
+            if m.Status in (grb.INFEASIBLE, grb.INF_OR_UNBD):  # binary: never unbounded
+                return "infeasible", None, found
+            if m.Status == grb.TIME_LIMIT:
+                return "time-limited", None, found
+            return f"Gurobi status {m.Status}", None, found
+        idx = self._decode(m.getAttr("X", gv))
+        self.bound = float(m.ObjBound)
+        if m.Status == grb.OPTIMAL and abs(m.ObjVal - m.ObjBound) <= 2 * _ABS_GAP:
+            status = "optimal"
+        elif m.Status == grb.TIME_LIMIT:
+            status = "time-limited"
+        else:
+            status = "feasible"
+            _logger.info("Gurobi stopped with status %d, objective %.12g, dual bound %.12g",
+                         m.Status, m.ObjVal, m.ObjBound)
+        return status, idx, found
+
+
 class _Pulp:
     """Eq. 4 as one PuLP model: every op is a variable, ops not admitted get an upper bound 0."""
 
     def __init__(self, pool: _Pool, budget_ms: float, solver: str, time_limit: float,
                  gap: float = 0.0):
-        available = pulp.listSolvers(onlyAvailable=True)
-        if solver not in available:
-            raise SearchError(
-                f"solver '{solver}' is not available; use 'highs' or one of: {', '.join(available)}"
-            )
+        check_solver(solver)
         kw = {"msg": False, "timeLimit": time_limit, "gapRel": gap, "gapAbs": _ABS_GAP}
         if solver in ("PULP_CBC_CMD", "HiGHS", "HiGHS_CMD"):
             kw["threads"] = 1
@@ -434,8 +563,9 @@ def solve(
         budget_ms: latency budget for the layers (stem and head already subtracted).
         k: number of solutions (K in the paper).
         overlap: O as a fraction of the number of layers N.
-        solver: "highs" (HiGHS in process, fastest), "PULP_CBC_CMD" (CBC through PuLP) or any
-            other available PuLP solver name (e.g. "HiGHS").
+        solver: "highs" (HiGHS in process, the default), "gurobi" (Gurobi in process, faster;
+            needs gurobipy), "PULP_CBC_CMD" (CBC through PuLP) or any other available PuLP
+            solver name (e.g. "HiGHS", PuLP's own HiGHS interface).
         time_limit: seconds per solution.
         teacher_ms: the teacher's predicted latency; only used to state the fastest reachable
             speedup when the budget is infeasible.
@@ -459,8 +589,10 @@ def solve(
     n = len(a)
     limit = math.floor(overlap * n + 1e-9)
     pool = _Pool(a, b, budget_ms)
-    if solver.lower() == "highs":
+    if solver == "highs":
         model = _Highs(pool, budget_ms, time_limit, gap)
+    elif solver == "gurobi":
+        model = _Gurobi(pool, budget_ms, time_limit, gap)
     else:
         model = _Pulp(pool, budget_ms, solver, time_limit, gap)
     seen = _Incumbents(pool, budget_ms)

@@ -293,3 +293,19 @@ def test_recipe_search_gap_and_total_time_reach_the_solver(run_result, monkeypat
         assert s["status"] in ("optimal", "feasible")
         assert s["bound"] is not None and s["bound"] <= s["objective"] + 1e-12
         assert 0.0 <= s["gap"] <= 0.2 + 1e-9 and isinstance(s["nodes"], int)
+
+
+def test_unusable_solver_fails_before_any_work(run_result, monkeypatch, tmp_path):
+    """A recipe naming a solver that cannot run stops the run at once (not after distillation)."""
+    import sys
+
+    from compressor import SearchError
+
+    d = run_result
+    monkeypatch.setitem(sys.modules, "gurobipy", None)  # as if not installed
+    for solver, message in (("gurobi", "needs gurobipy"), ("NO_SUCH_SOLVER", "not available")):
+        recipe = d["kwargs"]["recipe"].override("search", solver=solver)
+        with pytest.raises(SearchError, match=message):
+            compressor.Run(d["teacher"], d["data"], "cpu", 0.6,
+                           **dict(d["kwargs"], recipe=recipe, work_dir=tmp_path / "w"))
+        assert not (tmp_path / "w").exists() or not any((tmp_path / "w").rglob("*.json"))

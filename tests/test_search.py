@@ -1,6 +1,7 @@
 import itertools
 import math
 import random
+import sys
 
 import pytest
 
@@ -47,7 +48,21 @@ def test_infeasible_budget():
 
 # --- solvers, statuses, pool exactness, messages ---------------------------------------------
 
-SOLVER_NAMES = ["highs", "PULP_CBC_CMD"]
+def _gurobi_usable() -> bool:
+    try:
+        import gurobipy as gp
+
+        with gp.Env(empty=True) as env:
+            env.setParam("OutputFlag", 0)
+            env.start()
+        return True
+    except Exception:  # not installed, or no usable license: the gurobi tests are skipped
+        return False
+
+
+needs_gurobi = pytest.mark.skipif(not _gurobi_usable(),
+                                  reason="gurobipy is not installed or has no usable license")
+SOLVER_NAMES = ["highs", "PULP_CBC_CMD", pytest.param("gurobi", marks=needs_gurobi)]
 
 
 def _brute(a, b, budget, earlier=(), limit=None):
@@ -134,14 +149,14 @@ def test_overlap_rows_respected_with_highs():
     assert objs == sorted(objs)
 
 
-def test_stops_when_no_more_diverse_solutions():
+@pytest.mark.parametrize("solver", SOLVER_NAMES)
+def test_stops_when_no_more_diverse_solutions(solver):
     # two layers, two ops each, overlap 0: the solutions must differ everywhere -> only 2 exist
     a = [{"x": 0.0, "y": 1.0}, {"x": 0.0, "y": 1.0}]
     b = [{"x": 1.0, "y": 0.5}, {"x": 1.0, "y": 0.5}]
-    for solver in SOLVER_NAMES:
-        sols = solve(a, b, 2.0, k=5, overlap=0.01, solver=solver)
-        assert len(sols) == 2
-        assert sols[0].choices == ["x", "x"] and sols[1].choices == ["y", "y"]
+    sols = solve(a, b, 2.0, k=5, overlap=0.01, solver=solver)
+    assert len(sols) == 2
+    assert sols[0].choices == ["x", "x"] and sols[1].choices == ["y", "y"]
 
 
 def test_time_limited_status_is_recorded(monkeypatch):
@@ -174,6 +189,32 @@ def test_unknown_solver_says_what_is_available():
     a, b = _instance()
     with pytest.raises(SearchError, match="not available; use 'highs'"):
         solve(a, b, 0.6 * len(a), k=1, solver="NO_SUCH_SOLVER")
+
+
+def test_gurobi_without_gurobipy_says_how_to_install_it(monkeypatch):
+    from compressor import SearchError
+
+    monkeypatch.setitem(sys.modules, "gurobipy", None)  # import fails as if not installed
+    a, b = _instance()
+    with pytest.raises(SearchError, match=r"needs gurobipy: pip install '\S+\[gurobi\]'"):
+        solve(a, b, 0.6 * len(a), k=1, solver="gurobi")
+
+
+@needs_gurobi
+def test_gurobi_size_limited_license_says_what_to_do(monkeypatch):
+    """The pip license stops at 2000 variables; the message must name the way out."""
+    import gurobipy as gp
+
+    from compressor import SearchError
+
+    def too_large(self, *args):
+        raise gp.GurobiError(10010, "Model too large for size-limited license")
+
+    monkeypatch.setattr(gp.Model, "optimize", too_large)
+    a, b = _instance()
+    with pytest.raises(SearchError, match="too large for Gurobi's size-limited license; use "
+                                          "solver 'highs'"):
+        solve(a, b, 0.6 * len(a), k=1, solver="gurobi")
 
 
 def test_pool_keeps_dominated_ops_until_their_dominators_are_used():
@@ -241,18 +282,19 @@ def test_every_solution_records_a_proven_bound_and_gap():
         assert cbc.bound is None
 
 
-def test_highs_optima_match_an_independent_exact_dp_beyond_brute_force():
-    """12 layers x 12 ops (12^12 choices: too many to enumerate): each of 7 HiGHS optima, given the
+@pytest.mark.parametrize("solver", ["highs", pytest.param("gurobi", marks=needs_gurobi)])
+def test_optima_match_an_independent_exact_dp_beyond_brute_force(solver):
+    """12 layers x 12 ops (12^12 choices: too many to enumerate): each of 7 optima, given the
     same earlier solutions, equals the optimum of the counter dynamic program, an exact method
-    that shares no code with the search (benchmarks/search_counter_dp.py). Also, HiGHS reports
-    the nodes each proof took and the DP's Lagrangian bound never exceeds the optimum."""
+    that shares no code with the search (benchmarks/search_counter_dp.py). Also, the solver
+    reports the nodes each proof took and the DP's Lagrangian bound never exceeds the optimum."""
     from benchmarks.search_counter_dp import counter_dp
     from benchmarks.search_speed import as_arrays, make_instance
 
     a_d, b_d = make_instance(layers=12, ops=12, seed=1)
     budget = 0.5 * sum(x["teacher"] for x in b_d)
     names, a, b = as_arrays(a_d, b_d)
-    sols = solve(a_d, b_d, budget, k=7, overlap=0.7, solver="highs")
+    sols = solve(a_d, b_d, budget, k=7, overlap=0.7, solver=solver)
     assert len(sols) == 7 and all(s.status == "optimal" for s in sols)
     assert all(isinstance(s.nodes, int) and s.nodes >= 0 for s in sols)
     idx = [[names[i].index(c) for i, c in enumerate(s.choices)] for s in sols]
