@@ -5,7 +5,8 @@
 Builds a seeded synthetic instance shaped like a real LUT and fitness table (teacher op: loss 0,
 cost t_i; the others cheaper and lossier with noise, so many are dominated), then times:
 
-* ours: `compressor.search.solve(..., solver="highs")`, K diverse solutions, each proven optimal;
+* ours: `compressor.search.solve(..., solver="highs")`, K diverse solutions, each proven optimal
+  (`--solver gurobi`: the same search with Gurobi in process, needs gurobipy);
 * the plain baseline: a PuLP model with every op, rebuilt for every k, solved by CBC; capped at
   `--baseline-k` solutions and extrapolated to K (said so in the output);
 * NSGA-II (`compressor.evolution.nsga2`) on the same instance, given the same seconds as ours.
