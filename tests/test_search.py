@@ -49,14 +49,13 @@ def test_infeasible_budget():
 # --- solvers, statuses, pool exactness, messages ---------------------------------------------
 
 def _gurobi_usable() -> bool:
-    try:
-        import gurobipy as gp
+    from compressor import SearchError
+    from compressor.search import check_solver
 
-        with gp.Env(empty=True) as env:
-            env.setParam("OutputFlag", 0)
-            env.start()
+    try:
+        check_solver("gurobi")
         return True
-    except Exception:  # not installed, or no usable license: the gurobi tests are skipped
+    except SearchError:  # not installed, or no usable license: the gurobi tests are skipped
         return False
 
 
@@ -215,6 +214,22 @@ def test_gurobi_size_limited_license_says_what_to_do(monkeypatch):
     with pytest.raises(SearchError, match="too large for Gurobi's size-limited license; use "
                                           "solver 'highs'"):
         solve(a, b, 0.6 * len(a), k=1, solver="gurobi")
+
+
+@needs_gurobi
+def test_gurobi_without_a_license_says_what_to_do(monkeypatch):
+    import gurobipy as gp
+
+    from compressor import SearchError
+    from compressor.search import check_solver
+
+    def no_license(self):
+        raise gp.GurobiError(10009, "No Gurobi license found")
+
+    monkeypatch.setattr(gp.Env, "start", no_license)
+    with pytest.raises(SearchError, match="Gurobi could not start .*No Gurobi license found.*"
+                                          "check its license, or use solver 'highs'"):
+        check_solver("gurobi")
 
 
 def test_pool_keeps_dominated_ops_until_their_dominators_are_used():
