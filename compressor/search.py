@@ -234,6 +234,16 @@ def _op_bounds(
     return [value + (c - c.min()) for c in cost], (greedy if feasible else None)
 
 
+def _decode(ops: list[tuple[int, int]], values, n: int) -> list[int] | None:
+    """The op index per layer of a solver's 0/1 column values (column c is op `ops[c]`), or None
+    if some layer has no op chosen."""
+    idx = [-1] * n
+    for c in np.flatnonzero(np.asarray(values) > 0.5):
+        i, j = ops[int(c)]
+        idx[i] = j
+    return None if -1 in idx else idx
+
+
 class _Highs:
     """Eq. 4 in one in-process HiGHS model, grown by columns (admitted ops) and rows."""
 
@@ -290,11 +300,7 @@ class _Highs:
         self.h.setSolution(len(cols), cols, np.ones(len(cols)))
 
     def _decode(self, x) -> list[int] | None:
-        idx = [-1] * self.n
-        for c in np.flatnonzero(np.asarray(x) > 0.5):
-            i, j = self.op[int(c)]
-            idx[i] = j
-        return None if -1 in idx else idx
+        return _decode(self.op, x, self.n)
 
     def run(self) -> tuple[str, list[int] | None, list[list[int]]]:
         h, hs = self.h, self.hs
@@ -394,8 +400,8 @@ class _Gurobi:
         self.m.addLConstr(terms, self.gp.GRB.LESS_EQUAL, float(limit))
 
     def lower_bound(self, value: float) -> None:
-        # not a row here: Gurobi proves no faster with the previous optimum as one (measured in
-        # BENCHMARKS.md), and its dual bound is valid without it
+        # not a row here: with the previous optimum as one, Gurobi took 3.4x longer for K = 20
+        # (BENCHMARKS.md); its dual bound is valid without it
         pass
 
     def set_time_limit(self, seconds: float) -> None:
@@ -408,11 +414,7 @@ class _Gurobi:
             v.Start = 1.0 if key in chosen else 0.0
 
     def _decode(self, values: list[float]) -> list[int] | None:
-        idx = [-1] * self.n
-        for (i, j), x in zip(self.var, values):
-            if x > 0.5:
-                idx[i] = j
-        return None if -1 in idx else idx
+        return _decode(list(self.var), values, self.n)
 
     def run(self) -> tuple[str, list[int] | None, list[list[int]]]:
         m, grb, gv = self.m, self.gp.GRB, list(self.var.values())
