@@ -80,6 +80,9 @@ def _run_options(fn):
         click.option("--val-data", type=click.Path(path_type=Path), default=None,
                      help="Separate evaluation images (else a held-out part of --data)."),
         click.option("--k", type=int, default=None, help="Number of diverse solutions (Eq. 4)."),
+        click.option("--device", default=None,
+                     help="Where every phase runs: auto (CUDA when present), cpu, cuda, cuda:N "
+                          "[default: recipe runtime.device]."),
         click.option("--random-init", is_flag=True,
                      help="Allow a teacher with random weights (smoke tests only)."),
         click.option("--quiet", is_flag=True, help="No progress bars or phase messages."),
@@ -90,7 +93,7 @@ def _run_options(fn):
 
 
 def _make_run(model, data, target, lut, speedup, search_method, distill_loss, checkpoint, recipe,
-              work_dir, val_data, k, random_init, quiet):
+              work_dir, val_data, k, device, random_init, quiet):
     from .pipeline import Run
     from .recipe import list_recipes, load_recipe
 
@@ -103,6 +106,11 @@ def _make_run(model, data, target, lut, speedup, search_method, distill_loss, ch
     recipe = load_recipe(recipe)
     recipe = recipe.override("search", method=search_method)  # None values are ignored
     recipe = recipe.override("distill", loss=distill_loss)
+    if device is not None:
+        recipe = recipe.override("runtime", device=device)
+        from .recipe import validate
+
+        validate(recipe, "--device")
     speedups = [v.strip() for v in str(speedup).split(",")]
     return Run(model, data, target, speedups if len(speedups) > 1 else speedups[0], lut=lut,
                checkpoint=checkpoint,

@@ -8,8 +8,9 @@ not depend on which ops share its teacher pass or which process trains it.
 Schedules (all give the same weights, within float rounding):
 
 * cached: when the teacher's inputs and outputs of every layer for the whole distill set fit
-  (`cache_activations`, `cache_max_mib`, `memory_fraction`), the teacher runs over the set once
-  and the ops train from the cache one after the other, each saved as soon as it is done;
+  (`cache_activations`, `cache_max_mib`, `memory_fraction`; with augmented views, one copy per
+  epoch, since every epoch sees new views), the teacher runs over the set once per epoch of
+  views and the ops train from the cache one after the other, each saved as soon as it is done;
 * streaming: otherwise one teacher pass per batch feeds a group of `group_size` ops per layer
   (all layers at once; ``auto``: as many as fit in memory, see `auto_group_size`), saved when
   the group ends. The paper's schedule is a group of one op per layer;
@@ -18,6 +19,10 @@ Schedules (all give the same weights, within float rounding):
 
 On CPU, `workers` threads (one per intra-op thread by default) train ops side by side and run
 slices of each teacher batch, each on one thread.
+
+Images stream from disk (`ImagePart.batches`); with ``augment`` every batch is an augmented
+view whose random draws depend only on (seed, epoch, image), so every op, schedule and rank sees
+the same views, and the teacher's targets come from the very view the op sees.
 
 Each op's weights and result are one safetensors and one json file under
 ``root/{layer:03d}/{op}.*``; a run resumes by skipping the ops that have both. Rank 0 records
@@ -46,8 +51,9 @@ from torch import nn
 
 from . import _parallel
 from ._errors import DistillError
-from .data import Images
+from .data import ImageSource
 from .recipe import DistillCfg
+from .runtime import Runtime
 from .split import TEACHER, Split
 from .store import Store
 
@@ -129,17 +135,19 @@ def op_seed(layer: int, op: str, seed: int = 0) -> int:
 def distill(
     split: Split,
     candidates: dict[int, list[str]],
-    images: Images,
+    images: ImageSource,
     cfg: DistillCfg,
     store: Store,
     root: Path,
     progress: bool = True,
+    runtime: Runtime | None = None,
 ) -> dict[tuple[int, str], OpResult]:
     """Train every (layer, op) in `candidates` (except ``teacher``); resumes from `root`.
 
     Under torchrun each rank trains the jobs whose index in (layer, op) order is rank modulo the
     world size, and every rank returns the results of all jobs (`root` must be on a file system
-    all ranks share).
+    all ranks share). `runtime` is where it trains (default: ``resolve_runtime`` of the
+    default recipe: CUDA when present, fp16 autocast there).
 
     Example:
         >>> res = distill(s, {0: ["identity"]}, images, load_recipe().distill, Store("work"),
@@ -147,7 +155,12 @@ def distill(
         >>> res[(0, "identity")].loss  # doctest: +SKIP
     """
     jobs = [(i, op) for i in sorted(candidates) for op in candidates[i] if op != TEACHER]
-    device = _parallel.resolve_device(cfg.device)
+    if runtime is None:
+        from .recipe import RuntimeCfg
+        from .runtime import resolve_runtime
+
+        runtime = resolve_runtime(RuntimeCfg())
+    device = runtime.device
     with _parallel.process_group(device) as (rank, world):
         if world > 1:
             _check_ranks_agree(root, jobs, len(images))
@@ -161,7 +174,7 @@ def distill(
                 results[key] = done
         info = {"rank": rank, "trained": 0}
         if pending:
-            info = _train_pending(split, pending, images, cfg, store, root, device, results,
+            info = _train_pending(split, pending, images, cfg, store, root, runtime, results,
                                   progress=progress and rank == 0, shard=(rank, world))
         if world > 1:
             _parallel.barrier(device)
@@ -207,7 +220,7 @@ class _Teacher:
     With worker threads (CPU), a batch is cut into one slice per worker, each run on one
     thread: the same numbers (eval mode treats every image alone) in less time."""
 
-    def __init__(self, split: Split, device: torch.device, amp: bool,
+    def __init__(self, split: Split, device: torch.device, amp: torch.dtype | None,
                  workers: _Workers | None = None):
         stem, layers = split.stem, [layer.module for layer in split.layers]
         if device.type != "cpu":
@@ -224,7 +237,8 @@ class _Teacher:
 
     @torch.no_grad()
     def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float16,
+                            enabled=self.amp is not None):
             acts = [self.stem(x.to(self.device))]
             for m in self.layers:
                 acts.append(m(acts[-1]))
@@ -238,32 +252,45 @@ def _act_numel(split: Split) -> list[int]:
 
 
 class _Cache:
-    """The teacher's x_0 .. x_N for the whole distill set, computed once, batch by batch in the
-    first epoch's order: a first-epoch batch is then a slice (a view, no copy) of the cache and
-    holds exactly what a streaming teacher pass over that batch computes."""
+    """The teacher's x_0 .. x_N for the whole distill set, computed batch by batch in the
+    training order: a batch is then a slice (a view, no copy) of the cache and holds exactly
+    what a streaming teacher pass over that batch computes. Without augmentation one epoch is
+    computed and later epochs gather their rows; with it every epoch (new views) is computed."""
 
-    def __init__(self, teacher: _Teacher, x: torch.Tensor, batches):
-        first = [idx for epoch, _, idx in batches if epoch == 0]
-        order = torch.cat(first)
-        self.row = torch.empty_like(order)
-        self.row[order] = torch.arange(len(order))
+    def __init__(self, teacher: _Teacher, images: ImageSource, batches, augment: bool,
+                 seed: int):
+        epochs = sorted({e for e, _, _ in batches}) if augment else [0]
+        self.spans: dict[tuple[int, int], tuple[int, int]] = {}
+        self.row = torch.full((len(images),), -1, dtype=torch.long)
         self.acts: list[torch.Tensor] = []
         s = 0
-        for idx in first:
-            chunk = teacher(x[idx])
-            if not self.acts:
-                self.acts = [torch.empty((len(x), *a.shape[1:]), dtype=a.dtype, device=a.device)
-                             for a in chunk]
-            for store, a in zip(self.acts, chunk):
-                store[s : s + len(a)] = a
-            s += len(idx)
-        self.bs = len(first[0])
+        for epoch in epochs:
+            order = [idx for e, _, idx in batches if e == epoch]
+            for batch in images.batches(order=order, train=augment, seed=seed, epoch=epoch):
+                chunk = teacher(batch.x)
+                if not self.acts:
+                    n = len(images) * len(epochs)
+                    self.acts = [torch.empty((n, *a.shape[1:]), dtype=a.dtype, device=a.device)
+                                 for a in chunk]
+                for store, a in zip(self.acts, chunk):
+                    store[s : s + len(a)] = a
+                self.spans[(epoch, batch.number)] = (s, len(batch))
+                if epoch == 0:
+                    self.row[batch.index] = torch.arange(s, s + len(batch))
+                s += len(batch)
+        self.acts = [a[:s] for a in self.acts]
+        self.epochs = set(epochs)
 
     def batch(self, j: int, epoch: int, b: int, idx: torch.Tensor) -> torch.Tensor:
-        """x_j of batch `b` of `epoch` (images `idx`)."""
-        if epoch == 0:
-            return self.acts[j][b * self.bs : b * self.bs + len(idx)]
-        return self.acts[j][self.row[idx]]
+        """x_j of batch `b` of `epoch` (images `idx`; unreadable ones left out, so it may be
+        empty)."""
+        if (epoch, b) in self.spans:
+            start, n = self.spans[(epoch, b)]
+            return self.acts[j][start : start + n]
+        if epoch in self.epochs:  # every file of that batch was unreadable
+            return self.acts[j][:0]
+        rows = self.row[idx]
+        return self.acts[j][rows[rows >= 0]]
 
     @property
     def nbytes(self) -> int:
@@ -279,14 +306,6 @@ def _use_cache(cfg: DistillCfg, need: int, budget: int) -> bool:
     if cfg.cache_activations is False:
         return False
     return need <= min(budget, cfg.cache_max_mib * _MIB)
-
-
-def _use_amp(cfg: DistillCfg, device: torch.device) -> bool:
-    if device.type != "cuda":
-        if cfg.amp is True:
-            _logger.warning("distill: amp is for CUDA; distilling in fp32 on %s", device)
-        return False
-    return cfg.amp in ("auto", True)
 
 
 def _batches(n: int, bs: int, epochs: int, seed: int) -> list[tuple[int, int, torch.Tensor]]:
@@ -330,13 +349,13 @@ class _Context:
     """What every group trains with (passed to `_train_group`)."""
 
     cfg: DistillCfg
-    images: Images
+    images: ImageSource
     teacher: _Teacher
     cache: _Cache | None
     batches: list[tuple[int, int, torch.Tensor]]
     scale: list[float] | None
     device: torch.device
-    amp: bool
+    amp: torch.dtype | None
     bar: object
     workers: _Workers
     done_steps: int = 0
@@ -349,37 +368,39 @@ class _Context:
             self.bar.update(self.done_steps / len(self.batches) - self.bar.n)
 
 
-def _train_pending(split, pending, images: Images, cfg: DistillCfg, store: Store, root: Path,
-                   device: torch.device, results: dict, progress: bool, shard) -> dict:
+def _train_pending(split, pending, images: ImageSource, cfg: DistillCfg, store: Store,
+                   root: Path, runtime: Runtime, results: dict, progress: bool, shard) -> dict:
     """Train this rank's `pending` ops into `results`; return what was done (for last_run.json)."""
+    device = runtime.device
     workers = _Workers(cfg, device)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return _train_with(split, pending, images, cfg, store, root, device, results,
+            return _train_with(split, pending, images, cfg, store, root, runtime, results,
                                progress, shard, workers)
     finally:
         workers.close()
 
 
-def _train_with(split, pending, images: Images, cfg: DistillCfg, store: Store, root: Path,
-                device: torch.device, results: dict, progress: bool, shard,
+def _train_with(split, pending, images: ImageSource, cfg: DistillCfg, store: Store,
+                root: Path, runtime: Runtime, results: dict, progress: bool, shard,
                 workers: _Workers) -> dict:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    amp = _use_amp(cfg, device)
+    device, amp = runtime.device, runtime.amp
     teacher = _Teacher(split, device, amp, workers)
     n = len(images)
     bs = max(1, min(cfg.batch_size, n))
     batches = _batches(n, bs, cfg.epochs, cfg.seed)
     budget = int(_parallel.available_bytes(device) * cfg.memory_fraction)
     per_sample = sum(_act_numel(split)) * (2 if amp else 4)
+    copies = cfg.epochs if cfg.augment else 1  # views of every epoch, or one set reused
     cache = None
-    if _use_cache(cfg, per_sample * n, budget):
+    if _use_cache(cfg, per_sample * n * copies, budget):
         t1 = time.perf_counter()
-        cache = _Cache(teacher, images.x, batches)
-        _logger.info("distill: cached the teacher's activations of %d images (%d MiB) in %.1f s",
-                     n, cache.nbytes // _MIB, time.perf_counter() - t1)
+        cache = _Cache(teacher, images, batches, cfg.augment, cfg.seed)
+        _logger.info("distill: cached the teacher's activations of %d views (%d MiB) in %.1f s",
+                     len(cache.acts[0]), cache.nbytes // _MIB, time.perf_counter() - t1)
         epoch, b, idx = batches[0]
         scale = _scales([cache.batch(j, epoch, b, idx) for j in range(len(cache.acts))])
         g = cfg.group_size if cfg.group_size != "auto" else max(map(len, _by_layer(pending)))
@@ -388,13 +409,14 @@ def _train_with(split, pending, images: Images, cfg: DistillCfg, store: Store, r
         g = cfg.group_size
         if g == "auto":
             # fp32 activations: the trial runs the ops outside autocast (fp16 under AMP)
-            g = auto_group_size(split, pending, [a.float() for a in teacher(images.x[:1])],
+            one = next(iter(images.batches(order=[[0]])))
+            g = auto_group_size(split, pending, [a.float() for a in teacher(one.x)],
                                 cfg, device,
                                 budget - per_sample * bs, bs)
     rank, world = shard
     _logger.info("distill: %d ops on %s (%s, %s, %d worker(s)%s)", len(pending), device,
                  "cached activations" if cache else f"streaming, {g} op(s) per layer per pass",
-                 "fp16 AMP" if amp else "fp32", workers.n,
+                 f"{str(amp).replace('torch.', '')} autocast" if amp else "fp32", workers.n,
                  f", rank {rank} of {world}" if world > 1 else "")
     desc = "distill" if world == 1 else f"distill (rank 0 of {world}: its share)"
     bar = tqdm(total=len(pending), desc=desc, unit="op", disable=not progress,
@@ -414,7 +436,8 @@ def _train_with(split, pending, images: Images, cfg: DistillCfg, store: Store, r
             _train_group(split, group, ctx, save)
     finally:
         bar.close()
-    return {"rank": rank, "trained": len(pending), "device": str(device), "amp": amp,
+    return {"rank": rank, "trained": len(pending), "device": str(device),
+            "amp": str(amp).replace("torch.", "") if amp else None, "augment": cfg.augment,
             "schedule": "cached" if cache else "streaming", "group_size": g,
             "workers": workers.n, "seconds": round(time.perf_counter() - t0, 3)}
 
@@ -522,19 +545,21 @@ class _OpTrainer:
         self.module = self.module.to(ctx.device).train()
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.opt = _optimizer(ctx.cfg, params) if params else None
-        self.scaler = torch.amp.GradScaler("cuda") if ctx.amp and self.opt else None
+        self.scaler = (torch.amp.GradScaler("cuda") if ctx.amp == torch.float16 and self.opt
+                       else None)
         self.amp = ctx.amp
         self.failed = ""
         self.sum, self.count, self.steps = 0.0, 0, 0
 
     def step(self, x: torch.Tensor, target: torch.Tensor, scale: float, epoch: int, batch: int,
              last: bool) -> None:
-        if self.failed:
+        if self.failed or not len(x):
             return
         if self.reseed:
             torch.manual_seed((self.seed + self.steps) % 2**63)
         self.steps += 1
-        with torch.autocast(x.device.type, dtype=torch.float16, enabled=self.amp):
+        with torch.autocast(x.device.type, dtype=self.amp or torch.float16,
+                            enabled=self.amp is not None):
             out = self.module(x)
         loss = _loss(self.cfg.loss, out.float(), target.float(), scale)
         if not torch.isfinite(loss):
@@ -591,11 +616,15 @@ def _train_group(split: Split, group, ctx: _Context,
         ctx.workers.map(train, group)
         return
     trainers = [_OpTrainer(split, i, op, ctx) for i, op in group]
-    for epoch, b, idx in ctx.batches:
-        acts = ctx.teacher(ctx.images.x[idx])
-        if ctx.scale is None:
-            ctx.scale = _scales(acts)
-        ctx.workers.map(partial(_step, acts, ctx, epoch, b), trainers)
+    for epoch in range(ctx.cfg.epochs):
+        order = [idx for e, _, idx in ctx.batches if e == epoch]
+        views = ctx.images.batches(order=order, train=ctx.cfg.augment, seed=ctx.cfg.seed,
+                                   epoch=epoch)
+        for batch in views:
+            acts = ctx.teacher(batch.x)
+            if ctx.scale is None:
+                ctx.scale = _scales(acts)
+            ctx.workers.map(partial(_step, acts, ctx, epoch, batch.number), trainers)
     for t in trainers:
         save(*t.result())
 

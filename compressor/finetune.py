@@ -1,90 +1,210 @@
-"""Finetune the chosen student (HANT Eq. 1 with gamma_MSE = 0): CE to labels + KL to the teacher,
-with timm's optimizer and scheduler factories."""
+"""Finetune the chosen student (HANT Eq. 1 with gamma_MSE = 0) with timm's training pieces.
+
+Every step sees a fresh augmented view (timm's train transform, optionally timm's Mixup /
+CutMix), and the teacher's targets come from that same view (consistent teaching): KL to the
+teacher at a temperature, plus CE (label smoothing, or mixup's soft targets) when every image has
+a label. timm's optimizer and scheduler factories, `ModelEmaV3` (EMA weights with warm-up),
+`NativeScaler` under fp16 autocast on CUDA, and gradient clipping. After every epoch the loss
+on the search part (never the held-out part) is logged for the raw and the EMA weights, and a
+checkpoint is written, so an interrupted finetune resumes at its epoch; the weights kept at the
+end are the EMA's when their search-part loss is lower.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
 from torch import nn
 
-from .data import Images
-from .evaluate import predict
+from .data import ImageSource
+from .evaluate import Logits, mean_loss, predict
 from .recipe import FinetuneCfg
+from .runtime import Runtime
+from .store import atomic_write
 
-__all__ = ["finetune"]
+__all__ = ["finetune", "kd_loss"]
 
 _logger = logging.getLogger(__name__)
+
+
+def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) at `temperature`, scaled by T^2 (Hinton et al.)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+                    log_target=True, reduction="batchmean") * t * t
+
+
+def _epoch_order(n: int, bs: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The batches of one epoch: a permutation that depends only on (seed, epoch), so a
+    resumed finetune sees the same batches as an uninterrupted one."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=gen)
+    return [order[s : s + bs] for s in range(0, n, bs)]
 
 
 def finetune(
     student: nn.Module,
     teacher: nn.Module,
-    images: Images,
+    images: ImageSource,
     cfg: FinetuneCfg,
     progress: bool = True,
     seed: int = 0,
+    *,
+    val: ImageSource | None = None,
+    runtime: Runtime | None = None,
+    checkpoint: Path | None = None,
 ) -> dict:
-    """Train `student` in place; returns {'epochs', 'steps', 'final_loss'}."""
+    """Train `student` in place on `images`; returns what happened (epochs, steps, per-epoch
+    training and search-part losses, which weights were kept, the epoch it resumed from).
+
+    Args:
+        val: the search part: its loss is logged per epoch and picks EMA or raw weights.
+        runtime: device and autocast (default: the CPU, fp32).
+        checkpoint: a file for the per-epoch checkpoint (resumed from when present).
+    """
     from tqdm import tqdm
 
+    rec: dict = {"epochs": cfg.epochs, "steps": 0, "final_loss": None, "history": [],
+                 "kept": "raw", "resumed_from_epoch": 0}
     if cfg.epochs <= 0:
-        return {"epochs": 0, "steps": 0, "final_loss": None}
+        return rec
+    runtime = runtime or Runtime(torch.device("cpu"))
     n = len(images)
     bs = max(1, min(cfg.batch_size, n))
     steps_per_epoch = math.ceil(n / bs)
-    t_logits = predict(teacher, images.x)
+    net = runtime.module(student).train()
+    t_net = runtime.module(teacher).eval()
     opt_args = {"momentum": cfg.momentum} if cfg.opt.lower() in ("sgd", "momentum") else {}
-    optimizer = create_optimizer_v2(
-        student, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **opt_args
-    )
+    optimizer = create_optimizer_v2(net, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    **opt_args)
     scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched=cfg.sched,
-        num_epochs=cfg.epochs,
-        warmup_epochs=cfg.warmup_epochs,
-        step_on_epochs=False,
-        updates_per_epoch=steps_per_epoch,
-    )
-    gen = torch.Generator().manual_seed(seed)
-    student.train()
-    temp = cfg.kl_temperature
-    step = 0
-    last = float("nan")
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="finetune", disable=not progress)
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(n, generator=gen)
-        total = 0.0
-        for s in range(0, n, bs):
-            idx = order[s : s + bs]
-            x, y, tl = images.x[idx], images.y[idx], t_logits[idx]
-            logits = student(x)
-            loss = cfg.gamma_kl * F.kl_div(
-                F.log_softmax(logits / temp, -1), F.log_softmax(tl / temp, -1),
-                log_target=True, reduction="batchmean",
-            ) * temp * temp
-            lab = y >= 0
-            if cfg.gamma_ce and bool(lab.any()):
-                loss = loss + cfg.gamma_ce * F.cross_entropy(logits[lab], y[lab])
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    ema = ModelEmaV3(net, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
+    scaler = NativeScaler(device="cuda") if runtime.amp == torch.float16 else None
+    use_ce = cfg.gamma_ce > 0 and images.labelled
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                      label_smoothing=cfg.label_smoothing,
+                      num_classes=getattr(student, "num_classes", 1000) or 1000)
+    soft_ce = SoftTargetCrossEntropy()
+    t_val = predict(teacher, val, runtime) if val is not None else None
+
+    start = 0
+    if checkpoint is not None and checkpoint.is_file():
+        start = _resume(checkpoint, net, optimizer, ema, scaler, rec)
+        _logger.info("finetune: resuming after epoch %d from %s", start, checkpoint)
+    step = start * steps_per_epoch
+    params = [p for p in net.parameters() if p.requires_grad]
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=step, desc="finetune",
+               disable=not progress)
+    rng_state = torch.random.get_rng_state()
+    for epoch in range(start, cfg.epochs):
+        scheduler.step_update(num_updates=step)
+        total, seen = 0.0, 0
+        np_state = np.random.get_state()
+        np.random.seed((seed * 1_000_003 + epoch) % 2**32)  # timm's Mixup draws from numpy
+        net.train()
+        for batch in images.batches(order=_epoch_order(n, bs, seed, epoch), train=cfg.augment,
+                                    seed=seed, epoch=epoch):
+            x, y = runtime.input(batch.x), batch.y.to(runtime.device)
+            target = None
+            if mixup is not None and len(x) % 2 == 0:
+                x, target = mixup(x, y.clamp(min=0))
+            with torch.no_grad(), runtime.autocast():
+                t_logits = t_net(x).float()
+            with runtime.autocast():
+                logits = net(x).float()
+            loss = cfg.gamma_kl * kd_loss(logits, t_logits, cfg.kl_temperature)
+            if use_ce:
+                ce = (soft_ce(logits, target) if target is not None else
+                      F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing))
+                loss = loss + cfg.gamma_ce * ce
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"finetune loss became {float(loss)} at epoch {epoch}; lower finetune.lr "
-                    "in the recipe"
-                )
+                    "in the recipe")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler(loss, optimizer, clip_grad=cfg.clip_grad, parameters=params)
+            else:
+                loss.backward()
+                if cfg.clip_grad:
+                    dispatch_clip_grad(params, cfg.clip_grad)
+                optimizer.step()
             step += 1
             scheduler.step_update(num_updates=step)
-            total += loss.item() * len(idx)
+            if ema is not None:
+                ema.update(net, step=step)
+            total += loss.item() * len(x)
+            seen += len(x)
             bar.update(1)
-        last = total / n
-        scheduler.step(epoch + 1)
-        bar.set_postfix(loss=f"{last:.3f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{total / max(seen, 1):.3f}")
+        np.random.set_state(np_state)
+        entry = {"epoch": epoch + 1, "train_loss": total / max(seen, 1)}
+        if t_val is not None:
+            entry["search_loss"] = _val_loss(net, val, t_val, runtime)
+            if ema is not None:
+                entry["search_loss_ema"] = _val_loss(ema.module, val, t_val, runtime)
+            _logger.info("finetune epoch %d/%d: train loss %.4f, search-part loss %.4f%s",
+                         epoch + 1, cfg.epochs, entry["train_loss"], entry["search_loss"],
+                         f" (EMA {entry['search_loss_ema']:.4f})" if ema is not None else "")
+        rec["history"].append(entry)
+        if checkpoint is not None:
+            _save(checkpoint, epoch + 1, net, optimizer, ema, scaler, rec)
     bar.close()
+    torch.random.set_rng_state(rng_state)
+    last = rec["history"][-1] if rec["history"] else {}
+    keep = net
+    if ema is not None and "search_loss_ema" in last and last["search_loss_ema"] < last[
+            "search_loss"]:
+        keep, rec["kept"] = ema.module, "ema"
+    if keep is not student:
+        student.load_state_dict(keep.state_dict())  # copies across devices
     student.eval()
-    return {"epochs": cfg.epochs, "steps": step, "final_loss": last}
+    rec.update(steps=step, final_loss=last.get("train_loss"))
+    return rec
+
+
+def _val_loss(model: nn.Module, val: ImageSource, t_val: Logits, runtime: Runtime) -> float:
+    return mean_loss(predict(model, val, runtime), t_val)
+
+
+def _save(path: Path, epoch: int, net, optimizer, ema, scaler, rec: dict) -> None:
+    state = {"epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+             "history": rec["history"]}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def _resume(path: Path, net, optimizer, ema, scaler, rec: dict) -> int:
+    from ._errors import ArtifactError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+    except Exception as e:  # a damaged checkpoint: torch raises many types
+        raise ArtifactError(f"finetune checkpoint {path} is unreadable ({e}); delete it to "
+                            "start the finetune again") from e
+    rec["history"] = list(state["history"])
+    rec["resumed_from_epoch"] = int(state["epoch"])
+    return int(state["epoch"])

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Images
-from .distill import teacher_activations
+from .data import ImageSource
+from .runtime import Runtime
 from .split import TEACHER, Split
 
 __all__ = ["Fitness", "fitness", "task_loss"]
@@ -57,25 +57,35 @@ class Fitness:
 def fitness(
     split: Split,
     ops: dict[int, dict[str, nn.Module]],
-    images: Images,
+    images: ImageSource,
     batch_size: int = 32,
     progress: bool = True,
+    runtime: Runtime | None = None,
 ) -> Fitness:
-    """Score every distilled op (`ops[i][name]`, eval mode) plugged alone into the teacher."""
+    """Score every distilled op (`ops[i][name]`) plugged alone into the teacher, on `runtime`'s
+    device (default: the CPU, fp32), over `images` through the eval transform."""
     from tqdm import tqdm
 
-    n = len(images)
+    runtime = runtime or Runtime(torch.device("cpu"))
+    stem = runtime.module(split.stem).eval()
+    layers = [runtime.module(layer.module).eval() for layer in split.layers]
+    head = runtime.module(split.head).eval()
+    ops = {i: {name: runtime.module(m).eval() for name, m in layer.items()}
+           for i, layer in ops.items()}
     loss_sum = [{name: 0.0 for name in ops[i]} for i in range(len(split.layers))]
     corr_sum = [{name: 0.0 for name in ops[i]} for i in range(len(split.layers))]
     t_loss = t_corr = 0.0
-    for m in (d for layer in ops.values() for d in layer.values()):
-        m.eval()
-    total = sum(len(v) for v in ops.values()) * math.ceil(n / batch_size)
+    n = 0
+    total = sum(len(v) for v in ops.values()) * math.ceil(len(images) / batch_size)
     bar = tqdm(total=total, desc="fitness", unit="op-batch", disable=not progress)
-    for s in range(0, n, batch_size):
-        x, y = images.x[s : s + batch_size], images.y[s : s + batch_size]
-        acts = teacher_activations(split, x)
-        t_logits = split.head(acts[-1])
+    for batch in images.batches(batch_size):
+        y = batch.y.to(runtime.device)
+        with runtime.autocast():
+            acts = [stem(runtime.input(batch.x))]
+            for m in layers:
+                acts.append(m(acts[-1]))
+            t_logits = head(acts[-1]).float()
+        n += len(y)
         t_loss += float(task_loss(t_logits, y, t_logits).sum())
         t_corr += float(_correct(t_logits, y, t_logits).sum())
         for i, layer_ops in ops.items():
@@ -83,10 +93,11 @@ def fitness(
                 bar.update(1)
                 if name == TEACHER:
                     continue
-                h = m(acts[i])
-                for layer in split.layers[i + 1 :]:
-                    h = layer.module(h)
-                logits = split.head(h)
+                with runtime.autocast():
+                    h = m(acts[i])
+                    for layer in layers[i + 1 :]:
+                        h = layer(h)
+                    logits = head(h).float()
                 loss_sum[i][name] += float(task_loss(logits, y, t_logits).sum())
                 corr_sum[i][name] += float(_correct(logits, y, t_logits).sum())
     bar.close()

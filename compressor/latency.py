@@ -174,6 +174,13 @@ def _items(split: Split, arch_key: str, candidates: dict[int, list[str]]) -> lis
     return items
 
 
+def missing_entries(split: Split, arch_key: str, candidates: dict[int, list[str]],
+                    lut: LUT) -> int:
+    """How many of the candidates' entries `lut` lacks (0: `layer_latencies` measures
+    nothing)."""
+    return sum(1 for it in _items(split, arch_key, candidates) if (it[0], it[1], it[2]) not in lut)
+
+
 def layer_latencies(
     split: Split,
     arch_key: str,

@@ -56,7 +56,9 @@ class HantNet(TransformedNet):
         s = split(net.eval(), input_size=input_size)
         with ops_pool.channel_divisor(channel_divisor):
             built = s.assemble(list(choices))
-        super().__init__(built.stem, list(built.layers), built.head, built.choices)
+        super().__init__(built.stem, list(built.layers), built.head, built.choices,
+                         classifier=built.classifier_name)
+        self.feature_info = built.feature_info
         self.num_classes = getattr(net, "num_classes", 0)
         self.num_features = getattr(net, "num_features", 0)
         self.teacher_name = teacher

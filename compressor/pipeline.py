@@ -9,6 +9,7 @@ import contextlib
 import fnmatch
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +20,21 @@ from torch import nn
 import ops_pool
 
 from ._errors import CompressorError, InfeasibleError, RecipeError, SearchError
-from .data import Images, load_images, scan_images, split_indices
+from .data import ImagePart, ImageSource, scan_images, split_indices
 from .distill import OpResult, distill, load_op, load_weights
 from .evaluate import evaluate, mean_loss, predict
 from .evolution import nsga2
 from .finetune import finetune
 from .fitness import Fitness, fitness
-from .latency import can_measure, layer_latencies, measure_model, resolve_target
-from .recipe import PoolCfg, Recipe, load_recipe
+from .latency import (
+    can_measure,
+    layer_latencies,
+    measure_model,
+    missing_entries,
+    resolve_target,
+)
+from .recipe import DataCfg, PoolCfg, Recipe, load_recipe
+from .runtime import resolve_runtime
 from .search import Solution, check_solver, kendall_tau, min_latency, solve
 from .split import TEACHER, Split, format_shape, split
 from .store import Store, default_work_dir, digest, tensor_digest
@@ -96,6 +104,15 @@ def _divisor_key() -> tuple:
     names (empty for the default, so that existing caches stay valid)."""
     d = ops_pool.get_channel_divisor()
     return () if d == ops_pool.CHANNEL_DIVISOR else (f"channel_divisor={d}",)
+
+
+def train_transform_args(data_cfg: dict, d: DataCfg) -> dict:
+    """Arguments of timm's ``create_transform(is_training=True)``: the teacher's input size,
+    interpolation and normalisation with the recipe's augmentation."""
+    return {"input_size": tuple(data_cfg["input_size"]), "interpolation":
+            data_cfg["interpolation"], "mean": tuple(data_cfg["mean"]),
+            "std": tuple(data_cfg["std"]), "scale": tuple(d.train_scale), "hflip": d.train_hflip,
+            "color_jitter": d.train_color_jitter or None, "auto_augment": d.train_auto_augment}
 
 
 def candidate_ops(s: Split, cfg: PoolCfg) -> dict[int, list[str]]:
@@ -181,6 +198,7 @@ class Run:
             self.recipe = self.recipe.override("search", k=int(k))
         if self.recipe.search.method == "ip":
             check_solver(self.recipe.search.solver)
+        self.runtime = resolve_runtime(self.recipe.runtime)
         self.store = Store(work_dir or default_work_dir())
         self.lut, self.lut_path = resolve_target(target, self.store, lut=lut)
         self.data_set = scan_images(data)
@@ -192,6 +210,7 @@ class Run:
         self.progress = progress
         self.phases: dict[str, dict] = {}
         self._split: Split | None = None
+        self.parts: dict[str, ImagePart] | None = None
         self.notes: list[str] = []
 
     # ---------------------------------------------------------------- helpers
@@ -218,39 +237,41 @@ class Run:
             rec["candidates"] = sum(len(v) for v in self.candidates.values())
         return s
 
-    def _images(self):
-        if hasattr(self, "parts"):
+    def _images(self) -> dict[str, ImagePart]:
+        """The run's disjoint distill / search / eval parts, streamed from disk."""
+        if self.parts is not None:
             return self.parts
         from timm.data import create_transform, resolve_data_config
 
         s = self.split()
+        d = self.recipe.data
         with self._phase("data") as rec:
             cfg = resolve_data_config({"input_size": tuple(s.input_size)}, model=self.teacher)
             transform = create_transform(**cfg, is_training=False)
+            train_transform = create_transform(**train_transform_args(cfg, d), is_training=True)
             self.data_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
-            imgs = load_images(self.data_set, transform, self.progress)
-            d = self.recipe.data
-            skipped = list(imgs.skipped)
-            if self.val_set is None:
-                idx = split_indices(len(imgs), d.distill_fraction, d.search_fraction, d.seed)
-                parts = {k: imgs.subset(v) for k, v in idx.items()}
-            else:
-                idx = split_indices(len(imgs), d.distill_fraction, d.search_fraction, d.seed,
-                                    holdout=False)
-                parts = {k: imgs.subset(v) for k, v in idx.items()}
-                val = load_images(self.val_set, transform, self.progress)
-                skipped += val.skipped
-                parts["eval"] = val
+            self.train_cfg = train_transform_args(self.data_cfg, d)
+            rt = self.runtime
+
+            def part(images, idx) -> ImagePart:
+                return ImagePart(images, idx, transform, train_transform, rt.loader_workers,
+                                 pin_memory=rt.device.type == "cuda")
+
+            n = len(self.data_set)
+            holdout = self.val_set is None
+            idx = split_indices(n, d.distill_fraction, d.search_fraction, d.seed,
+                                holdout=holdout)
+            parts = {k: part(self.data_set, v) for k, v in idx.items()}
+            if not holdout:
+                parts["eval"] = part(self.val_set, range(len(self.val_set)))
             self.parts = parts
-            self.skipped = skipped
-            self.data_fp = {
-                k: (self.val_set if (k == "eval" and self.val_set) else self.data_set).fingerprint(
-                    [parts[k].source[j] for j in range(len(parts[k]))]
-                )
-                for k in parts
-            }
-            rec.update({k: len(v) for k, v in parts.items()}, skipped=len(skipped))
+            self.data_fp = {k: v.fingerprint() for k, v in parts.items()}
+            rec.update({k: len(v) for k, v in parts.items()})
         return parts
+
+    def _skipped(self) -> list[str]:
+        """The unreadable files met so far, in every part."""
+        return sorted(set().union(*(p.skipped for p in (self.parts or {}).values())))
 
     def luts(self):
         """b_ij for every candidate, stem and head; checks the speedup is reachable."""
@@ -286,18 +307,29 @@ class Run:
         cfg = self.recipe.distill
         # keyed by what decides the weights, not by the schedule (group size, cache, device)
         key = digest(cfg.result_dict(), self.data_fp["distill"], self.data_cfg,
-                     *_divisor_key())
+                     self.train_cfg if cfg.augment else None, *_divisor_key())
         self.distill_root = self.store.path(self.teacher_key, "distill", key)
+        # HANT's latency prefilter drops ops slower than the teacher's layer: they are never
+        # trained (the same ops whether `hant distill` or `compress` runs this phase). Under
+        # torchrun the ranks cannot share one measurement, so a LUT that still lacks entries
+        # is not measured here and every candidate trains (the search filters them later).
         train = self.candidates
-        if hasattr(self, "b"):
-            # HANT's latency prefilter drops ops slower than the teacher's layer; with the LUT
-            # built first, they are never trained
+        ranks = int(os.environ.get("WORLD_SIZE", "1"))
+        if not hasattr(self, "b") and ranks > 1 and missing_entries(
+                s, self.arch_key, self.candidates, self.lut):
+            _logger.info("distill under torchrun with an incomplete LUT: training every "
+                         "candidate (build the LUT first, `hant lut build`, to skip the ops "
+                         "slower than the teacher's layer)")
+        else:
+            if not hasattr(self, "b"):
+                self.luts()
             train = {i: [op for op in ops if self.b[i][op] <= self.b[i][TEACHER]]
                      for i, ops in self.candidates.items()}
         with self._phase("distill") as rec:
             todo = sum(len(v) - 1 for v in train.values())
             self.distilled = distill(
-                s, train, parts["distill"], cfg, self.store, self.distill_root, self.progress
+                s, train, parts["distill"], cfg, self.store, self.distill_root, self.progress,
+                runtime=self.runtime,
             )
             failed = [r.to_dict() for r in self.distilled.values() if r.status != "ok"]
             rec.update(ops=todo, skipped_slower_than_teacher=sum(
@@ -330,7 +362,8 @@ class Run:
                 rec["cached"] = True
             else:
                 self.fit = fitness(s, self._ops(ok), parts["search"],
-                                   self.recipe.data.batch_size, self.progress)
+                                   self.recipe.data.batch_size, self.progress,
+                                   runtime=self.runtime)
                 self.store.write_json(path, self.fit.to_dict())
                 rec["cached"] = False
             rec["images"] = self.fit.images
@@ -411,8 +444,8 @@ class Run:
             a, pre = self._prefilter()
             b = [{op: self.b[i][op] for op in layer} for i, layer in enumerate(a)]
             n_eval = min(self.recipe.data.candidate_eval_images, len(parts["search"]))
-            cand = parts["search"].subset(range(n_eval))
-            t_logits = predict(self.teacher, cand.x)
+            cand = parts["search"].subset(range(n_eval)).decode()  # ranked many times
+            t_logits = predict(self.teacher, cand, self.runtime)
             budget = self.speedup * self.teacher_pred - self.stem_ms - self.head_ms
             rounds = []
             best = None
@@ -448,7 +481,7 @@ class Run:
                 self.front = self._front(a, b, cand, t_logits, rounds[-1])
         return best
 
-    def _solve_and_rank(self, a, b, budget, cand: Images, t_logits):
+    def _solve_and_rank(self, a, b, budget, cand: ImageSource, t_logits):
         """K architectures (integer program, or NSGA-II), each evaluated with its distilled
         weights on `cand`; returns (solutions, losses, Kendall tau, index of the best)."""
         cfg = self.recipe.search
@@ -490,7 +523,7 @@ class Run:
 
         return measured
 
-    def _front(self, a, b, cand: Images, t_logits, final_round: dict) -> dict:
+    def _front(self, a, b, cand: ImageSource, t_logits, final_round: dict) -> dict:
         """Best architecture per requested speedup, all from the same pool and LUT."""
         fixed = self.stem_ms + self.head_ms
         points = []
@@ -511,12 +544,12 @@ class Run:
                 continue
             points.append({"speedup_requested": sp, "latency_ms": fixed + sols[j].latency_ms,
                            "loss": losses[j], "choices": sols[j].choices})
-        teacher = {"latency_ms": self.teacher_pred, "loss": mean_loss(t_logits, cand, t_logits)}
+        teacher = {"latency_ms": self.teacher_pred, "loss": mean_loss(t_logits, t_logits)}
         return {"points": points, "teacher": teacher}
 
-    def _candidate_loss(self, choices, images: Images, t_logits) -> float:
+    def _candidate_loss(self, choices, images: ImageSource, t_logits) -> float:
         model = self._assemble(choices).eval()
-        return mean_loss(predict(model, images.x), images, t_logits)
+        return mean_loss(predict(model, images, self.runtime), t_logits)
 
     def _assemble(self, choices) -> nn.Module:
         s = self.split()
@@ -546,7 +579,8 @@ class Run:
             self.search()
         cfg = self.recipe.finetune
         choices = self.best.choices
-        key = digest(self.distill_root.name, choices, cfg.__dict__, self.data_fp["distill"])
+        key = digest(self.distill_root.name, choices, cfg.__dict__, self.data_fp["distill"],
+                     self.data_fp["search"], self.train_cfg if cfg.augment else None)
         path = self.store.path(self.teacher_key, "finetune", f"{key}.safetensors")
         student = self._assemble(choices)
         with self._phase("finetune") as rec:
@@ -554,9 +588,12 @@ class Run:
                 student.load_state_dict(self.store.load_tensors(path))
                 rec["cached"] = True
             else:
+                ckpt = path.with_suffix(".ckpt")
                 rec.update(finetune(student, self.teacher, parts["distill"], cfg, self.progress,
-                                    seed=self.recipe.data.seed))
+                                    seed=self.recipe.data.seed, val=parts["search"],
+                                    runtime=self.runtime, checkpoint=ckpt))
                 self.store.save_tensors(path, student.state_dict())
+                ckpt.unlink(missing_ok=True)
                 rec["cached"] = False
         self.student = student.eval()
         return self.student
@@ -567,10 +604,10 @@ class Run:
             self.finetune()
         ev = parts["eval"]
         with self._phase("evaluate"):
-            t_logits = predict(self.teacher, ev.x)
-            s_logits = predict(self.student, ev.x)
-            self.eval_teacher = evaluate(t_logits, ev)
-            self.eval_student = evaluate(s_logits, ev, t_logits)
+            t_logits = predict(self.teacher, ev, self.runtime)
+            s_logits = predict(self.student, ev, self.runtime)
+            self.eval_teacher = evaluate(t_logits)
+            self.eval_student = evaluate(s_logits, t_logits)
         return self.eval_student
 
     def report(self) -> dict:
@@ -606,11 +643,11 @@ class Run:
                 "measured": (s_meas / t_meas) if (s_meas and t_meas) else None,
                 "min_reachable": self.min_pred / self.teacher_pred,
             },
-            "eval_images": len(self.parts["eval"]),
+            "eval_images": self.eval_student["images"],
             "labelled_eval_images": self.eval_student["labelled_images"],
-            "data": {k: len(v) for k, v in self.parts.items()} | {"skipped": len(self.skipped),
-                                                                    "skipped_files":
-                                                                    self.skipped[:20]},
+            "data": {k: len(v) for k, v in self.parts.items()} | {
+                "skipped": len(self._skipped()), "skipped_files": self._skipped()[:20]},
+            "runtime": self.runtime.to_dict(),
             "distill": {"failed_ops": self.failed_ops},
             "search": {"rounds": self.search_rounds},
             "front": getattr(self, "front", None),

@@ -20,6 +20,7 @@ __all__ = [
     "FitnessCfg",
     "SearchCfg",
     "FinetuneCfg",
+    "RuntimeCfg",
     "load_recipe",
     "list_recipes",
 ]
@@ -32,6 +33,19 @@ class DataCfg:
     search_fraction: float = 0.15
     candidate_eval_images: int = 64
     batch_size: int = 32
+    # timm's train transform (create_transform(is_training=True)) for distill and finetune
+    train_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])
+    train_hflip: float = 0.5
+    train_color_jitter: float = 0.0
+    train_auto_augment: str | None = None  # a timm auto-augment spec, e.g. rand-m9-mstd0.5
+
+
+@dataclass
+class RuntimeCfg:
+    device: str = "auto"  # auto: this rank's GPU if CUDA is available, else cpu
+    amp: bool | str = "auto"  # autocast on CUDA: auto (= fp16), fp16, bf16, false
+    channels_last: bool = False
+    loader_workers: int | str = "auto"  # decoding processes; auto: spare cores (CPU), 8 (CUDA)
 
 
 @dataclass
@@ -48,7 +62,8 @@ class DistillCfg:
     momentum: float = 0.9
     epochs: int = 1
     batch_size: int = 16
-    seed: int = 0  # each op's initialisation and the batch order derive from it
+    seed: int = 0  # each op's initialisation, the batch order and the views derive from it
+    augment: bool = True  # train on augmented views (the teacher sees the same view)
     # How and where ops train, not what they learn (left out of the artifact key; see
     # `result_dict`): every setting gives the same weights, within float rounding.
     group_size: int | str = "auto"  # ops per layer per teacher pass; auto: from free memory
@@ -56,11 +71,9 @@ class DistillCfg:
     cache_max_mib: int = 4096
     memory_fraction: float = 0.5  # of the free memory, for the cache and a streaming group
     workers: int | str = "auto"  # threads training ops side by side; auto: CPU threads, CUDA 1
-    device: str = "auto"  # auto: this rank's GPU if CUDA is available, else cpu
-    amp: bool | str = "auto"  # fp16 autocast + GradScaler; auto: on for CUDA, never on CPU
 
     SCHEDULE_FIELDS = ("group_size", "cache_activations", "cache_max_mib", "memory_fraction",
-                       "workers", "device", "amp")
+                       "workers")
 
     def result_dict(self) -> dict:
         """The fields that decide the trained weights: what a distillation artifact is keyed by."""
@@ -100,9 +113,15 @@ class FinetuneCfg:
     weight_decay: float = 1e-5
     sched: str = "cosine"
     warmup_epochs: int = 0
-    gamma_ce: float = 1.0
-    gamma_kl: float = 1.0
+    gamma_ce: float = 1.0  # CE to the labels (only where every image has one)
+    gamma_kl: float = 1.0  # KL to the teacher on the same augmented view
     kl_temperature: float = 1.0
+    augment: bool = True  # timm's train transform (data.train_*)
+    mixup: float = 0.0  # timm Mixup alpha (0: off)
+    cutmix: float = 0.0  # timm CutMix alpha (0: off)
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.998  # timm ModelEmaV3 with warm-up (0: no EMA)
+    clip_grad: float | None = None  # gradient norm clip (None: off)
 
 
 _SECTIONS = {
@@ -112,7 +131,9 @@ _SECTIONS = {
     "fitness": FitnessCfg,
     "search": SearchCfg,
     "finetune": FinetuneCfg,
+    "runtime": RuntimeCfg,
 }
+_MOVED = {("distill", "device"): "runtime.device", ("distill", "amp"): "runtime.amp"}
 
 
 @dataclass
@@ -126,6 +147,7 @@ class Recipe:
     fitness: FitnessCfg = field(default_factory=FitnessCfg)
     search: SearchCfg = field(default_factory=SearchCfg)
     finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
+    runtime: RuntimeCfg = field(default_factory=RuntimeCfg)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -191,11 +213,15 @@ def load_recipe(name_or_path: str = "default") -> Recipe:
                     f"recipe {name_or_path}: unknown section '{section}'; "
                     f"sections are {', '.join(_SECTIONS)}"
                 )
+            for key in values or {}:
+                if (section, key) in _MOVED:
+                    raise RecipeError(f"recipe {name_or_path}: {section}.{key} is now "
+                                      f"{_MOVED[section, key]} (it applies to every phase)")
             try:
                 recipe = recipe.override(section, **(values or {}))
             except TypeError as e:
                 raise RecipeError(f"recipe {name_or_path}, section '{section}': {e}") from e
-    _validate(recipe, name_or_path)
+    validate(recipe, name_or_path)
     return recipe
 
 
@@ -206,7 +232,8 @@ _CHOICES = {
 }
 
 
-def _validate(recipe: Recipe, source: str) -> None:
+def validate(recipe: Recipe, source: str) -> None:
+    """Raise RecipeError naming `source` for the first bad value in `recipe`."""
     for (section, key), allowed in _CHOICES.items():
         value = getattr(getattr(recipe, section), key)
         if value not in allowed:
@@ -219,6 +246,8 @@ def _validate(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"recipe {source}: search.overlap must be in (0, 1]")
     _validate_search_time(recipe.search, source)
     _validate_distill(recipe.distill, source)
+    _validate_runtime(recipe.runtime, source)
+    _validate_finetune(recipe.finetune, recipe.data, source)
 
 
 def _validate_search_time(c: SearchCfg, source: str) -> None:
@@ -244,16 +273,39 @@ def _validate_distill(d: DistillCfg, source: str) -> None:
             raise RecipeError(
                 f"recipe {source}: distill.{key} is {g!r}; give auto or a whole number >= 1"
             )
-    for key in ("cache_activations", "amp"):
-        value = getattr(d, key)
-        if value not in ("auto", True, False) or type(value) not in (str, bool):
-            raise RecipeError(f"recipe {source}: distill.{key} is {value!r}; give auto, true "
-                              "or false")
+    value = d.cache_activations
+    if value not in ("auto", True, False) or type(value) not in (str, bool):
+        raise RecipeError(f"recipe {source}: distill.cache_activations is {value!r}; give "
+                          "auto, true or false")
     if not 0 < d.memory_fraction <= 1:
         raise RecipeError(f"recipe {source}: distill.memory_fraction must be in (0, 1]")
     if d.cache_max_mib < 0:
         raise RecipeError(f"recipe {source}: distill.cache_max_mib must be >= 0")
-    if d.device != "auto" and str(d.device).split(":")[0] not in ("cpu", "cuda"):
+
+
+def _validate_runtime(r: RuntimeCfg, source: str) -> None:
+    if r.device != "auto" and str(r.device).split(":")[0] not in ("cpu", "cuda"):
         raise RecipeError(
-            f"recipe {source}: distill.device is {d.device!r}; give auto, cpu, cuda or cuda:N"
+            f"recipe {source}: runtime.device is {r.device!r}; give auto, cpu, cuda or cuda:N"
         )
+    if r.amp not in ("auto", "fp16", "bf16", True, False) or type(r.amp) not in (str, bool):
+        raise RecipeError(f"recipe {source}: runtime.amp is {r.amp!r}; give auto, fp16, bf16 "
+                          "or false")
+    w = r.loader_workers
+    if w != "auto" and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+        raise RecipeError(f"recipe {source}: runtime.loader_workers is {w!r}; give auto or a "
+                          "whole number >= 0")
+
+
+def _validate_finetune(f: FinetuneCfg, d: DataCfg, source: str) -> None:
+    if not 0 <= f.ema_decay < 1:
+        raise RecipeError(f"recipe {source}: finetune.ema_decay is {f.ema_decay!r}; give a "
+                          "decay in [0, 1) (0: no EMA)")
+    if f.mixup < 0 or f.cutmix < 0 or not 0 <= f.label_smoothing < 1:
+        raise RecipeError(f"recipe {source}: finetune.mixup and cutmix must be >= 0 and "
+                          "label_smoothing in [0, 1)")
+    sc = d.train_scale
+    if (not isinstance(sc, (list, tuple)) or len(sc) != 2
+            or not 0 < float(sc[0]) <= float(sc[1]) <= 1):
+        raise RecipeError(f"recipe {source}: data.train_scale is {sc!r}; give [min, max] with "
+                          "0 < min <= max <= 1 (fractions of the image area)")

@@ -245,23 +245,57 @@ class Split:
             if weights and i in weights:
                 op.load_state_dict(weights[i])
             ops.append(op)
-        net = TransformedNet(copy.deepcopy(self.stem), ops, copy.deepcopy(self.head), list(choices))
+        cfg = getattr(self.teacher, "pretrained_cfg", None) or {}
+        head = copy.deepcopy(self.head)
+        classifier = cfg.get("classifier") or ""
+        if classifier and not _has_module(head, classifier):
+            classifier = ""
+        net = TransformedNet(copy.deepcopy(self.stem), ops, head, list(choices),
+                             classifier=classifier)
         net.channel_divisor = ops_pool.get_channel_divisor()  # the widths the ops were built with
         for attr in ("num_classes", "num_features", "pretrained_cfg"):
             if hasattr(self.teacher, attr):
                 setattr(net, attr, copy.deepcopy(getattr(self.teacher, attr)))
+        net.feature_info = _feature_info(self.teacher, self.layers, net.stem, net.head)
         return net.train(self.teacher.training)
 
 
-class TransformedNet(nn.Module):
-    """stem -> chosen ops -> head; the student architecture S of the paper."""
+def _has_module(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
-    def __init__(self, stem: nn.Module, ops: Sequence[nn.Module], head: nn.Module, choices):
+
+class TransformedNet(nn.Module):
+    """stem -> chosen ops -> head; the student architecture S of the paper.
+
+    It has timm's model surface, so timm's data, training, validation and benchmark code work
+    on it unchanged: `forward_features` (the last layer's output, as the head takes it),
+    `forward_head(x, pre_logits=...)`, `get_classifier`, `reset_classifier`,
+    ``pretrained_cfg`` / ``default_cfg`` and ``feature_info`` (the teacher's, with each module
+    path moved to where that module is in the student)."""
+
+    def __init__(self, stem: nn.Module, ops: Sequence[nn.Module], head: nn.Module, choices,
+                 classifier: str = ""):
         super().__init__()
         self.stem = stem
         self.layers = nn.ModuleList(ops)
         self.head = head
         self.choices = list(choices)
+        self.classifier_name = classifier  # path of the classifier inside `head` ("": none)
+        self.pretrained_cfg: dict = {}
+        self.feature_info: list[dict] = []
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name for `pretrained_cfg` (one dict under both names)."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict) -> None:
+        self.pretrained_cfg = cfg
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -269,8 +303,70 @@ class TransformedNet(nn.Module):
             x = op(x)
         return x
 
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The head on `forward_features`' output; ``pre_logits``: stop before the classifier
+        (pooled features, ``num_features`` wide)."""
+        if not pre_logits:
+            return self.head(x)
+        handle = self.get_classifier().register_forward_hook(lambda m, args, out: args[0])
+        try:
+            return self.head(x)
+        finally:
+            handle.remove()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        if not self.classifier_name:
+            raise SplitError("this student has no known classifier (its teacher's "
+                             "pretrained_cfg names none)")
+        return self.head.get_submodule(self.classifier_name)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new linear classifier for `num_classes` (0: none, the head gives pre-logits)."""
+        if global_pool is not None:
+            raise SplitError("reset_classifier: changing global_pool is not supported on a "
+                             "transformed network; keep the teacher's pooling")
+        old = self.get_classifier()
+        width = getattr(old, "in_features", None) or getattr(self, "num_features", None)
+        if not width:
+            raise SplitError(f"reset_classifier: the classifier {self.classifier_name} is a "
+                             f"{type(old).__name__}, not a linear layer with in_features")
+        new = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+        param = next(old.parameters(), None)
+        if param is not None:
+            new = new.to(param.device)
+        self.head.set_submodule(self.classifier_name, new)
+        self.num_classes = num_classes
+        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
+
+
+def _feature_info(teacher: nn.Module, layers: list[Layer], stem: nn.Module,
+                  head: nn.Module) -> list[dict]:
+    """The teacher's ``feature_info`` with each module path mapped into the student: a stage
+    (or block) ends at the last layer inside it (``layers.{i}``); a module of the stem or head
+    keeps its name under ``stem.`` / ``head.``. Entries that map nowhere are dropped."""
+    out = []
+    info = getattr(teacher, "feature_info", None) or []
+    stem_names = {n for n, _ in stem.named_modules()}
+    head_names = {n for n, _ in head.named_modules()}
+    for entry in info:
+        if not isinstance(entry, dict) or "module" not in entry:
+            continue
+        mod = entry["module"]
+        inside = [layer.index for layer in layers
+                  if layer.name == mod or layer.name.startswith(mod + ".")]
+        if inside:
+            path = f"layers.{max(inside)}"
+        elif mod in stem_names:
+            path = f"stem.{mod}"
+        elif mod in head_names:
+            path = f"head.{mod}"
+        else:
+            continue
+        out.append({**entry, "module": path})
+    return out
 
 
 def _input_size(model: nn.Module, input_size) -> tuple[int, int, int]:
