@@ -114,7 +114,10 @@ def finetune(
         scheduler.step_update(num_updates=step)
         total, seen = 0.0, 0
         np_state = np.random.get_state()
-        np.random.seed((seed * 1_000_003 + epoch) % 2**32)  # timm's Mixup draws from numpy
+        # Mixup draws from numpy, dropout and drop-path from torch: both seeded per epoch, so a
+        # resumed finetune continues exactly as an uninterrupted one would
+        np.random.seed((seed * 1_000_003 + epoch) % 2**32)
+        torch.manual_seed(seed * 1_000_003 + epoch)
         net.train()
         for batch in images.batches(order=_epoch_order(n, bs, seed, epoch), train=cfg.augment,
                                     seed=seed, epoch=epoch):

@@ -277,7 +277,7 @@ def test_a_gap_marks_unproven_solutions_feasible(solver):
 def test_every_solution_records_a_proven_bound_and_gap():
     """Optimal: bound = objective, gap 0. Stopped early by a gap: HiGHS's dual bound, which must
     not exceed the true optimum of that k (checked against the exact solve)."""
-    from benchmarks.search_speed import make_instance
+    from .instances import make_instance
 
     a, b = make_instance(layers=12, ops=30, seed=3)
     budget = 0.5 * sum(x["teacher"] for x in b)
@@ -301,10 +301,10 @@ def test_every_solution_records_a_proven_bound_and_gap():
 def test_optima_match_an_independent_exact_dp_beyond_brute_force(solver):
     """12 layers x 12 ops (12^12 choices: too many to enumerate): each of 7 optima, given the
     same earlier solutions, equals the optimum of the counter dynamic program, an exact method
-    that shares no code with the search (benchmarks/search_counter_dp.py). Also, the solver
+    that shares no code with the search (tests/counter_dp.py). Also, the solver
     reports the nodes each proof took and the DP's Lagrangian bound never exceeds the optimum."""
-    from benchmarks.search_counter_dp import counter_dp
-    from benchmarks.search_speed import as_arrays, make_instance
+    from .counter_dp import counter_dp
+    from .instances import as_arrays, make_instance
 
     a_d, b_d = make_instance(layers=12, ops=12, seed=1)
     budget = 0.5 * sum(x["teacher"] for x in b_d)

@@ -1,45 +1,21 @@
-"""An exact dynamic program for Eq. 4 over overlap counters: an independent check and a measurement.
-
-    taskset -c 0 python -m benchmarks.search_counter_dp --k 7 --json
+"""An exact dynamic program for Eq. 4 over overlap counters: an independent exactness check of
+the search beyond brute-force size (tests/test_search.py). It shares no code with the solver.
 
 Solution k of Eq. 4 must differ from every earlier solution in at least N - O layers. Going
 through the layers in order, the only thing the future needs to know about a partial choice is,
 per earlier solution, how many more layers must still differ from it (the "counters"), plus its
-loss and latency so far. A dynamic program over those counters is exact; it merges every partial
-choice that reaches the same counters, however many ways there are to reach them (which layers
-changed, with which ops), which is what makes a branch and bound slow on this problem.
-
-Three passes per k:
-
-1. forward, with the budget priced in by a Lagrange multiplier (lam from the budget-only
-   problem): the counter states each layer can reach, pruned by a cheap lower bound against an
-   upper bound on the optimum;
-2. backward over those states: the exact least priced cost to finish from each, with every
-   overlap row exact. Its value at the start is a lower bound on the optimum that keeps all
-   overlap rows exact and relaxes only the budget (`lagrangian_bound`);
-3. forward again with (loss, latency) Pareto labels per state, pruned by that cost to go: the
-   exact optimum, budget included.
-
-`counter_dp` is exact for any upper bound that is at least the optimum (infinity included), so
-on small instances it checks the shipped HiGHS path beyond what brute force reaches
-(tests/test_search.py). The command measures it at paper scale, given each k's optimum (from
-HiGHS) as the upper bound, the most favourable case for its pruning: how many counter states and
-labels it needs, the seconds, and the lower bound of pass 2 against the optimum.
+loss and latency so far. A dynamic program over those counters is exact. Its measurement at paper
+scale (states grow ~5.6x per k) is in BENCHMARKS.md; the script that measured it is at commit
+3c7d7ef (benchmarks/search_counter_dp.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import time
 
 import numpy as np
 
-from benchmarks.search_speed import as_arrays, make_instance
-from compressor.search import solve
-
-__all__ = ["counter_dp", "main"]
+__all__ = ["counter_dp"]
 
 
 def _budget_multiplier(a: list[np.ndarray], b: list[np.ndarray], budget: float) -> float:
@@ -196,51 +172,3 @@ def counter_dp(
         "states": sum(len(x) for x in layers),
         "labels": total,
     }
-
-
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=46)
-    p.add_argument("--ops", type=int, default=197)
-    p.add_argument("--k", type=int, default=7)
-    p.add_argument("--overlap", type=float, default=0.7)
-    p.add_argument("--speedup", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(argv)
-
-    a_d, b_d = make_instance(args.layers, args.ops, args.seed)
-    budget = args.speedup * sum(x["teacher"] for x in b_d)
-    names, a, b = as_arrays(a_d, b_d)
-    limit = math.floor(args.overlap * args.layers + 1e-9)
-    t0 = time.perf_counter()
-    sols = solve(a_d, b_d, budget, k=args.k, overlap=args.overlap, solver="highs",
-                 time_limit=600.0)
-    highs_seconds = time.perf_counter() - t0
-    idx = [[names[i].index(c) for i, c in enumerate(s.choices)] for s in sols]
-    rows = []
-    for k, sol in enumerate(sols, start=1):
-        t1 = time.perf_counter()
-        r = counter_dp(a, b, budget, idx[: k - 1], limit, upper=sol.objective)
-        rows.append({
-            "k": k, "highs_status": sol.status, "highs_seconds": round(sol.seconds, 3),
-            "dp_seconds": round(time.perf_counter() - t1, 3), "states": r["states"],
-            "labels": r["labels"],
-            "same_optimum": r["objective"] is not None
-            and abs(r["objective"] - sol.objective) <= 1e-9 * max(1.0, abs(sol.objective)),
-            "optimum": sol.objective,
-            "lagrangian_bound_gap_pct": round(
-                100 * (sol.objective - r["lagrangian_bound"]) / sol.objective, 4),
-        })
-    out = {"layers": args.layers, "ops": args.ops, "k": args.k, "seed": args.seed,
-           "highs_seconds": round(highs_seconds, 3), "per_k": rows}
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for row in rows:
-            print(row)
-    return out
-
-
-if __name__ == "__main__":
-    main()

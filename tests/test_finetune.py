@@ -1,0 +1,101 @@
+"""The finetune: consistent teaching on augmented views, resume at the epoch, EMA or raw weights
+chosen on the search part."""
+
+import copy
+
+import pytest
+import timm
+import torch
+from timm.data import create_transform
+
+import compressor
+from compressor import finetune as finetune_mod
+from compressor.data import ImagePart, scan_images
+from compressor.finetune import finetune
+from compressor.recipe import FinetuneCfg
+
+from .conftest import make_images
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    teacher = timm.create_model("test_efficientnet").eval()
+    s = compressor.split(teacher, input_size=(3, 48, 48))
+    choices = ["teacher"] * len(s.layers)
+    choices[1] = "identity" if s.layers[1].in_shape == s.layers[1].out_shape else "teacher"
+    root = make_images(tmp_path_factory.mktemp("ft") / "imgs", 16, size=56)
+    images = scan_images(root)
+    part = ImagePart(images, range(12), create_transform(48),
+                     create_transform(48, is_training=True, scale=(0.25, 1.0)))
+    val = ImagePart(images, range(12, 16), create_transform(48))
+    return teacher, s, choices, part, val
+
+
+CFG = FinetuneCfg(epochs=2, batch_size=4, opt="adamw", lr=1e-3, mixup=0.2, ema_decay=0.9)
+
+
+def test_the_teacher_sees_the_same_augmented_view(setup):
+    teacher, s, choices, part, val = setup
+    student = s.assemble(choices)
+    seen = {"t": [], "s": []}
+    t_hook = teacher.register_forward_pre_hook(lambda m, a: seen["t"].append(a[0].clone()))
+    s_hook = student.register_forward_pre_hook(lambda m, a: seen["s"].append(a[0].clone()))
+    try:
+        rec = finetune(student, teacher, part, CFG, progress=False)
+    finally:
+        t_hook.remove()
+        s_hook.remove()
+    assert rec["steps"] == 6 and len(seen["s"]) == len(seen["t"]) == 6
+    for a, b in zip(seen["s"], seen["t"]):
+        assert torch.equal(a, b)
+    plain = torch.cat([b.x for b in part.batches(4)])
+    assert not any(torch.equal(x, plain[:4]) for x in seen["s"])  # augmented (and mixed)
+
+
+def test_an_interrupted_finetune_resumes_at_its_epoch_with_the_same_result(setup, tmp_path,
+                                                                           monkeypatch):
+    teacher, s, choices, part, val = setup
+    whole = s.assemble(choices)
+    ref = finetune(whole, teacher, part, CFG, progress=False, val=val,
+                   checkpoint=tmp_path / "a.ckpt")
+    assert [h["epoch"] for h in ref["history"]] == [1, 2]
+    assert ref["kept"] in ("ema", "raw")
+    last = ref["history"][-1]
+    assert ref["kept"] == ("ema" if last["search_loss_ema"] < last["search_loss"] else "raw")
+
+    save = finetune_mod._save
+
+    def save_then_stop(path, epoch, *args):
+        save(path, epoch, *args)
+        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(finetune_mod, "_save", save_then_stop)
+    cut = s.assemble(choices)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cut, teacher, part, CFG, progress=False, val=val,
+                 checkpoint=tmp_path / "b.ckpt")
+    monkeypatch.setattr(finetune_mod, "_save", save)
+    resumed = s.assemble(choices)
+    rec = finetune(resumed, teacher, part, CFG, progress=False, val=val,
+                   checkpoint=tmp_path / "b.ckpt")
+    assert rec["resumed_from_epoch"] == 1 and rec["history"] == ref["history"]
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_damaged_checkpoint_is_one_clear_error(setup, tmp_path):
+    teacher, s, choices, part, _ = setup
+    bad = tmp_path / "c.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(compressor.ArtifactError, match="delete it"):
+        finetune(s.assemble(choices), teacher, part, CFG, progress=False, checkpoint=bad)
+
+
+def test_no_epochs_leaves_the_student_alone(setup):
+    teacher, s, choices, part, _ = setup
+    student = s.assemble(choices)
+    before = copy.deepcopy(student.state_dict())
+    rec = finetune(student, teacher, part, FinetuneCfg(epochs=0), progress=False)
+    assert rec["steps"] == 0
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
