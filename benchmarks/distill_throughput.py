@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_ops = sum(len(v) - 1 for v in cands.values())  # without the teacher op
     x = torch.randn(args.images, 3, args.size, args.size,
                     generator=torch.Generator().manual_seed(args.seed))
-    images = Images(x, torch.full((args.images,), -1), list(range(args.images)))
+    images = Images(x, torch.full((args.images,), -1))
     base = DistillCfg(batch_size=args.batch_size, epochs=args.epochs)
     paper_cfg = dataclasses.replace(base, group_size=1, cache_activations=False)
     ours_cfg = base

@@ -126,13 +126,12 @@ def _rank_zero() -> bool:
 def _summary(report: dict) -> str:
     t, s, sp = report["teacher"], report["student"], report["speedup"]
 
-    def f(v, fmt="{:.3f}"):
-        return "n/a" if v is None else fmt.format(v)
+    from ._text import format_value as f
 
     return "\n".join([
-        f"teacher  top1 {f(t['top1'], '{:.1f}')}%  latency predicted "
+        f"teacher  top1 {f(t['top1'], '.1f')}%  latency predicted "
         f"{f(t['latency_ms']['predicted'])} ms, measured {f(t['latency_ms']['measured'])} ms",
-        f"student  top1 {f(s['top1'], '{:.1f}')}%  agreement {f(s['agreement'], '{:.1f}')}%  "
+        f"student  top1 {f(s['top1'], '.1f')}%  agreement {f(s['agreement'], '.1f')}%  "
         f"latency predicted {f(s['latency_ms']['predicted'])} ms, measured "
         f"{f(s['latency_ms']['measured'])} ms",
         f"speedup  requested {sp['requested']}  predicted {f(sp['predicted'])}  measured "

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ._errors import InfeasibleError, SearchError
+from .recipe import SearchCfg  # the one source of the defaults
 from .search import Solution, min_latency
 
 __all__ = ["nsga2"]
@@ -65,8 +66,8 @@ def nsga2(
     a: list[dict[str, float]],
     b: list[dict[str, float]],
     budget_ms: float,
-    pop_size: int = 100,
-    generations: int = 200,
+    pop_size: int = SearchCfg.pop_size,
+    generations: int = SearchCfg.generations,
     seed: int = 0,
     time_limit: float | None = None,
     latency_fn: Callable[[list[str]], float] | None = None,

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageSource
+from .recipe import DataCfg
 from .runtime import Runtime
 from .split import TEACHER, Split
 
@@ -58,7 +59,7 @@ def fitness(
     split: Split,
     ops: dict[int, dict[str, nn.Module]],
     images: ImageSource,
-    batch_size: int = 32,
+    batch_size: int = DataCfg.batch_size,
     progress: bool = True,
     runtime: Runtime | None = None,
 ) -> Fitness:

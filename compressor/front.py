@@ -14,6 +14,7 @@ import io
 import math
 from pathlib import Path
 
+from ._text import format_value
 from .store import atomic_write
 
 __all__ = ["write_front", "pareto_mask"]
@@ -60,11 +61,7 @@ def _rows(points: list[dict], teacher: dict) -> list[dict]:
 
 
 def _fmt(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
+    return format_value(v, ".6g", missing="")
 
 
 def _csv(rows: list[dict], teacher: dict) -> bytes:

@@ -18,6 +18,7 @@ from torch import nn
 import ops_pool
 
 from ._errors import ModelError
+from ._text import format_value
 from .model import ARCHITECTURE, student_pretrained_cfg
 from .split import split
 
@@ -38,12 +39,6 @@ def export_onnx(model: nn.Module, input_size, path: Path) -> Path:
             dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
         )
     return path
-
-
-def _fmt(v, unit=""):
-    if v is None:
-        return "n/a"
-    return f"{v:.3f}{unit}" if isinstance(v, float) else f"{v}{unit}"
 
 
 def model_card(report: dict, repo_name: str = "") -> str:
@@ -70,17 +65,17 @@ def model_card(report: dict, repo_name: str = "") -> str:
         "## Measured",
         "| | teacher | student |",
         "| --- | --- | --- |",
-        f"| latency, LUT-predicted (ms) | {_fmt(t['latency_ms']['predicted'])} | "
-        f"{_fmt(s['latency_ms']['predicted'])} |",
-        f"| latency, measured end to end (ms) | {_fmt(t['latency_ms']['measured'])} | "
-        f"{_fmt(s['latency_ms']['measured'])} |",
-        f"| top-1 (%) on {report['eval_images']} held-out images | {_fmt(t['top1'])} | "
-        f"{_fmt(s['top1'])} |",
-        f"| top-1 agreement with the teacher (%) | 100 | {_fmt(s.get('agreement'))} |",
+        f"| latency, LUT-predicted (ms) | {format_value(t['latency_ms']['predicted'])} | "
+        f"{format_value(s['latency_ms']['predicted'])} |",
+        f"| latency, measured end to end (ms) | {format_value(t['latency_ms']['measured'])} | "
+        f"{format_value(s['latency_ms']['measured'])} |",
+        f"| top-1 (%) on {report['eval_images']} held-out images | {format_value(t['top1'])} | "
+        f"{format_value(s['top1'])} |",
+        f"| top-1 agreement with the teacher (%) | 100 | {format_value(s.get('agreement'))} |",
         "",
         f"Speedup (student / teacher latency; 0.5 = twice as fast): requested "
-        f"{_fmt(sp['requested'])}, predicted {_fmt(sp['predicted'])}, measured "
-        f"{_fmt(sp['measured'])}.",
+        f"{format_value(sp['requested'])}, predicted {format_value(sp['predicted'])}, measured "
+        f"{format_value(sp['measured'])}.",
         "",
         "The held-out images were never used for distillation, search or finetuning. "
         "A small calibration set gives a noisy accuracy: read it with its image count.",
@@ -131,6 +126,7 @@ def save_pretrained(
 
             write_front(report["front"]["points"], report["front"]["teacher"], tmp)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        _readable(tmp)
         old = None
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
@@ -142,6 +138,14 @@ def save_pretrained(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _readable(folder: Path) -> None:
+    """Files 0644 and folders 0755, like every artifact (timm's save_for_hf writes
+    model.safetensors 0600, which a shared model folder should not be)."""
+    folder.chmod(0o755)
+    for p in folder.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
 
 
 def load(

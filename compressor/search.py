@@ -38,8 +38,11 @@ top-100 takes minutes, top-500 hours).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -47,6 +50,7 @@ import numpy as np
 import pulp
 
 from ._errors import InfeasibleError, SearchError
+from .recipe import SearchCfg  # the one source of the defaults
 
 __all__ = [
     "Solution",
@@ -244,6 +248,21 @@ def _decode(ops: list[tuple[int, int]], values, n: int) -> list[int] | None:
     return None if -1 in idx else idx
 
 
+@contextlib.contextmanager
+def _c_stdout_to_devnull():
+    """Send what C code writes to file descriptor 1 to /dev/null (HiGHS prints its banner when
+    a model is created, before any option can turn its output off)."""
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+
+
 class _Highs:
     """Eq. 4 in one in-process HiGHS model, grown by columns (admitted ops) and rows."""
 
@@ -251,7 +270,8 @@ class _Highs:
         import highspy
 
         self.hs, self.bound, self.nodes = highspy, None, None
-        h = highspy.Highs()
+        with _c_stdout_to_devnull():
+            h = highspy.Highs()
         for key, value in (("output_flag", False), ("threads", 1), ("mip_rel_gap", gap),
                            ("mip_abs_gap", _ABS_GAP), ("time_limit", float(time_limit)),
                            ("random_seed", 0), ("mip_improving_solution_save", True),
@@ -509,10 +529,7 @@ class _Pulp:
             if status == pulp.LpStatusInfeasible:
                 return "infeasible", None, []
             return pulp.LpStatus[status], None, []
-        idx = [-1] * self.n
-        for (i, j), v in self.z.items():
-            if (v.value() or 0) > 0.5:
-                idx[i] = j
+        idx = _decode(list(self.z), [v.value() or 0 for v in self.z.values()], self.n)
         if elapsed >= self.time_limit * 0.99:
             return "time-limited", idx, []
         optimal = self.prob.sol_status == pulp.LpSolutionOptimal and self.gap == 0
@@ -544,14 +561,14 @@ def solve(
     a: list[dict[str, float]],
     b: list[dict[str, float]],
     budget_ms: float,
-    k: int = 20,
-    overlap: float = 0.7,
-    solver: str = "PULP_CBC_CMD",
-    time_limit: float = 20.0,
+    k: int = SearchCfg.k,
+    overlap: float = SearchCfg.overlap,
+    solver: str = SearchCfg.solver,
+    time_limit: float = SearchCfg.time_limit,
     teacher_ms: float | None = None,
     fixed_ms: float = 0.0,
-    total_time_limit: float | None = None,
-    gap: float = 0.0,
+    total_time_limit: float | None = SearchCfg.total_time_limit,
+    gap: float = SearchCfg.gap,
 ) -> list[Solution]:
     """Up to `k` solutions, each overlapping every earlier one in at most floor(overlap*N) layers.
 

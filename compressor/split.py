@@ -28,7 +28,7 @@ __all__ = ["Layer", "Split", "split", "TEACHER", "format_shape"]
 
 _logger = logging.getLogger(__name__)
 
-TEACHER = "teacher"
+TEACHER = ops_pool.TEACHER  # one marker for both packages: "keep the teacher's layer"
 _CONTAINER_TYPES: tuple[type[nn.Module], ...] = (nn.Sequential, nn.ModuleList)
 
 

@@ -14,7 +14,15 @@ Example:
 from . import families
 from ._errors import OpShapeError, OpsPoolError, UnknownOpError
 from ._layers import Residual, SqueezeExcite
-from ._registry import build, is_registered, list_ops, register, unregister, valid_ops
+from ._registry import (
+    TEACHER,
+    build,
+    is_registered,
+    list_ops,
+    register,
+    unregister,
+    valid_ops,
+)
 from ._reparam import reparameterize
 from ._shapes import (
     CHANNEL_DIVISOR,
@@ -29,6 +37,7 @@ from ._shapes import (
 from .families.attention import MAX_ATTENTION_POSITIONS
 
 __all__ = [
+    "TEACHER",
     "CHANNEL_DIVISOR",
     "MAX_ATTENTION_POSITIONS",
     "OpShapeError",

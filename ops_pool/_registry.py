@@ -16,7 +16,8 @@ Shape = tuple[int, ...]
 Builder = Callable[[Shape, Shape], nn.Module]
 Accepts = Callable[[Shape, Shape], bool]
 
-RESERVED_NAMES = frozenset({"teacher"})
+TEACHER = "teacher"  # the name that keeps a layer's own (teacher) module; no op may take it
+RESERVED_NAMES = frozenset({TEACHER})
 
 
 @dataclass(frozen=True)

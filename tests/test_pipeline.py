@@ -60,6 +60,8 @@ def test_save_and_load_round_trip(run_result, tmp_path):
     result = run_result["result"]
     out = result.save_pretrained(tmp_path / "out")
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.rglob("*")}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) <= {0o644, 0o755}
     assert {"model.safetensors", "config.json", "README.md", "onnx/model.onnx",
             "report.json"} <= names
     cfg = json.loads((out / "config.json").read_text())

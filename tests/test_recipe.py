@@ -48,3 +48,21 @@ def test_search_time_and_gap_defaults_prove_every_optimum():
     assert r.search.gap == 0.0 and r.search.total_time_limit is None
     p = r.override("search", gap=0.01, total_time_limit=30)
     assert (p.search.gap, p.search.total_time_limit) == (0.01, 30)
+
+
+def test_default_yaml_states_exactly_the_dataclass_defaults():
+    """One source of defaults: the recipe dataclasses; recipes/default.yaml documents them and
+    may not drift (function signatures take theirs from the dataclasses too)."""
+    import inspect
+
+    from compressor.evolution import nsga2
+    from compressor.recipe import Recipe, SearchCfg
+    from compressor.search import solve
+
+    assert load_recipe("default") == Recipe(name="default")
+    sig = inspect.signature(solve).parameters
+    for name in ("k", "overlap", "solver", "time_limit", "total_time_limit", "gap"):
+        assert sig[name].default == getattr(SearchCfg(), name), name
+    sig = inspect.signature(nsga2).parameters
+    assert (sig["pop_size"].default, sig["generations"].default) == (
+        SearchCfg().pop_size, SearchCfg().generations)

@@ -323,3 +323,19 @@ def test_optima_match_an_independent_exact_dp_beyond_brute_force(solver):
     # the DP itself: told of the first six, it finds nothing below the seventh optimum
     assert counter_dp(a, b, budget, idx[:6], 8, upper=sols[6].objective * (1 - 1e-6))[
         "objective"] is None
+
+
+def test_highs_prints_no_banner():
+    """HiGHS writes its banner from C when a model is created; a --quiet run must not show it
+    (a fresh process: the banner comes once per process)."""
+    import subprocess
+    import sys
+
+    code = ("from compressor.search import solve\n"
+            "a = [{'teacher': 0.0, 'x': 1.0}] * 3\n"
+            "b = [{'teacher': 1.0, 'x': 0.5}] * 3\n"
+            "print(len(solve(a, b, 2.5, k=1, solver='highs')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1" and "HiGHS" not in out.stdout + out.stderr
