@@ -49,7 +49,7 @@ from compressor.data import ImagePart, Images, loader_workers, scan_images, spli
 from compressor.distill import distill, load_weights
 from compressor.finetune import finetune
 from compressor.fitness import fitness
-from compressor.pipeline import candidate_ops
+from compressor.inputs import candidate_ops
 from compressor.recipe import DistillCfg, FinetuneCfg, PoolCfg
 from compressor.runtime import Runtime
 from compressor.split import TEACHER

@@ -39,7 +39,7 @@ import torch
 
 from compressor.data import Images
 from compressor.distill import distill, teacher_activations
-from compressor.pipeline import candidate_ops
+from compressor.inputs import candidate_ops
 from compressor.recipe import DistillCfg, PoolCfg
 from compressor.split import split as split_model
 from compressor.store import Store

@@ -27,8 +27,8 @@ import sys
 import torch
 
 import latency_luts
+from compressor.inputs import arch_key, candidate_ops
 from compressor.latency import layer_latencies, measure_model, resolve_target
-from compressor.pipeline import arch_key, candidate_ops
 from compressor.recipe import load_recipe
 from compressor.split import TEACHER, split
 from compressor.store import Store, default_work_dir

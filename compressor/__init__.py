@@ -6,6 +6,11 @@ Example:
     ...                              speedup=0.5)  # doctest: +SKIP
     >>> result.save_pretrained("out/")  # doctest: +SKIP
     >>> model = compressor.load("out/")  # doctest: +SKIP
+
+The phases one by one (what ``hant`` runs)::
+
+    run = compressor.prepare("tf_efficientnet_lite0", "images/", "cpu", 0.5)
+    lat = pipeline.lut_step(run); pool = pipeline.distill_step(run, lat); ...
 """
 
 from ._errors import (
@@ -19,8 +24,9 @@ from ._errors import (
     SearchError,
     SplitError,
 )
+from .inputs import RunInputs, prepare
 from .model import ARCHITECTURE, HantNet
-from .pipeline import Result, Run, compress
+from .pipeline import Result, compress
 from .publish import load, push_to_hub, save_pretrained
 from .recipe import Recipe, list_recipes, load_recipe
 from .split import TEACHER, Layer, Split, TransformedNet, split
@@ -40,7 +46,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "Result",
-    "Run",
+    "RunInputs",
     "SearchError",
     "Split",
     "SplitError",
@@ -50,6 +56,7 @@ __all__ = [
     "list_recipes",
     "load",
     "load_recipe",
+    "prepare",
     "push_to_hub",
     "save_pretrained",
     "split",

@@ -1,6 +1,7 @@
 """Command line: ``compress`` (the whole pipeline) and ``hant`` (one phase at a time).
 
-Both are thin layers over `compressor.Run`; a user error prints one line and exits with 2.
+Both are thin layers over `compressor.prepare` and the phase steps of `compressor.pipeline`;
+a user error prints one line and exits with 2.
 Set ``HANT_DEBUG=1`` to see the full traceback.
 """
 
@@ -94,7 +95,7 @@ def _run_options(fn):
 
 def _make_run(model, data, target, lut, speedup, search_method, distill_loss, checkpoint, recipe,
               work_dir, val_data, k, device, random_init, quiet):
-    from .pipeline import Run
+    from .inputs import prepare
     from .recipe import list_recipes, load_recipe
 
     if not _rank_zero():
@@ -112,10 +113,9 @@ def _make_run(model, data, target, lut, speedup, search_method, distill_loss, ch
 
         validate(recipe, "--device")
     speedups = [v.strip() for v in str(speedup).split(",")]
-    return Run(model, data, target, speedups if len(speedups) > 1 else speedups[0], lut=lut,
-               checkpoint=checkpoint,
-               recipe=recipe, work_dir=work_dir, val_data=val_data, random_init=random_init,
-               progress=not quiet, k=k)
+    return prepare(model, data, target, speedups if len(speedups) > 1 else speedups[0],
+                   lut=lut, checkpoint=checkpoint, recipe=recipe, work_dir=work_dir,
+                   val_data=val_data, random_init=random_init, progress=not quiet, k=k)
 
 
 def _rank_zero() -> bool:
@@ -155,10 +155,10 @@ def compress_main(output, push_to_hub, no_onnx, **opts):
       compress tf_efficientnet_lite0 --target cpu --speedup 0.5 \\
         --data ../shared/data/imagenet-sample --output runs/lite0-cpu-0.5
     """
+    from .pipeline import run_all
     from .publish import push_to_hub as push
 
-    run = _make_run(**opts)
-    result = run.all()
+    result = run_all(_make_run(**opts))
     out = result.save_pretrained(output, onnx=not no_onnx)
     click.echo(_summary(result.report))
     click.echo(f"wrote {out}")
@@ -249,8 +249,8 @@ def lut_build(model, target, output, recipe, checkpoint, estimate, quiet):
 
     Example: hant lut build tf_efficientnet_lite0 --target h100 -o lut.json
     """
+    from .inputs import arch_key, candidate_ops
     from .latency import layer_latencies, lut_for_build
-    from .pipeline import arch_key, candidate_ops
     from .recipe import load_recipe
     from .split import split
     from .teacher import load_teacher
@@ -271,28 +271,43 @@ def _phase_command(name: str, doc: str):
     @_run_options
     @_handle_errors
     def cmd(**opts):
+        from . import pipeline
+        from .latency import missing_entries
+
         run = _make_run(**opts)
         if name == "distill":
-            res = run.distill()
-            failed = [r for r in res.values() if r.status != "ok"]
+            # under torchrun the ranks cannot share one LUT measurement: with a LUT that still
+            # lacks entries every candidate trains (the search filters the slower ones later)
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and missing_entries(
+                    run.split, run.arch_key, run.candidates, run.lut):
+                logging.getLogger(__name__).info(
+                    "distill under torchrun with an incomplete LUT: training every candidate "
+                    "(build the LUT first, `hant lut build`, to skip the ops slower than the "
+                    "teacher's layer)")
+                lat = None
+            else:
+                lat = pipeline.lut_step(run)
+            pool = pipeline.distill_step(run, lat)
             if _rank_zero():
-                click.echo(f"distilled {len(res)} ops ({len(failed)} failed) in "
-                           f"{run.distill_root}")
-                for r in failed:
-                    click.echo(f"  failed: layer {r.layer} {r.op}: {r.reason}")
-        elif name == "search":
-            run.luts()
-            best = run.search()
-            for r in run.search_rounds:
+                click.echo(f"distilled {len(pool.results)} ops ({len(pool.failed)} failed) in "
+                           f"{pool.root}")
+                for r in pool.failed:
+                    click.echo(f"  failed: layer {r['layer']} {r['op']}: {r['reason']}")
+            return
+        lat = pipeline.lut_step(run)
+        pool = pipeline.distill_step(run, lat)
+        sel = pipeline.search_step(run, lat, pool, pipeline.fitness_step(run, pool))
+        if name == "search":
+            for r in sel.rounds:
                 for j, (sol, loss) in enumerate(zip(r["solutions"], r["candidate_losses"])):
                     mark = "*" if j == r["best"] else " "
                     click.echo(f"{mark} {j:3d} objective {sol['objective']:.4f} latency "
                                f"{sol['latency_ms']:.3f} ms  eval loss {loss:.4f}")
-            click.echo("best: " + " ".join(best.choices))
-        else:
-            run.luts()
-            run.finetune()
-            click.echo(_summary(run.report()))
+            click.echo("best: " + " ".join(sel.best.choices))
+            return
+        student = pipeline.finetune_step(run, pool, sel.best.choices)
+        scores = pipeline.evaluate_step(run, student.model)
+        click.echo(_summary(pipeline.build_report(run, lat, pool, sel, scores)))
 
     return cmd
 

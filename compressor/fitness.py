@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageSource
-from .recipe import DataCfg
+from .recipe import DataCfg, FitnessCfg
 from .runtime import Runtime
 from .split import TEACHER, Split
 
-__all__ = ["Fitness", "fitness", "task_loss"]
+__all__ = ["Fitness", "fitness", "task_loss", "Prefiltered", "prefilter", "donnav2_filter"]
 
 
 def task_loss(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -52,6 +52,13 @@ class Fitness:
     @classmethod
     def from_dict(cls, d: dict) -> Fitness:
         return cls(**d)
+
+    def save(self, store, path) -> None:
+        store.write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, store, path) -> Fitness:
+        return cls.from_dict(store.read_json(path))
 
 
 @torch.no_grad()
@@ -111,3 +118,71 @@ def fitness(
             {k: (0.0 if k == TEACHER else t_acc - 100.0 * v / n) for k, v in corr_sum[i].items()}
         )
     return Fitness(t_loss, t_acc, n, a, drop)
+
+
+@dataclass
+class Prefiltered:
+    """What the search may choose from: a[i][op] of the ops kept, and what each filter removed
+    (the report's ``search.prefilter``)."""
+
+    a: list[dict[str, float]]
+    info: dict
+    notes: list[str] = field(default_factory=list)
+
+
+def prefilter(fit: Fitness, b: list[dict[str, float]], distill_loss, cfg: FitnessCfg,
+              budget_ms: float, candidates: int, failed: int) -> Prefiltered:
+    """HANT's prefilter: drop ops slower than the teacher's layer or losing more than
+    `max_accuracy_drop` points, and with ``donnav2_filter`` DONNAv2's dominance filter. The
+    accuracy part is skipped (and reported) if it would leave no architecture within
+    `budget_ms`.
+
+    Args:
+        b: the latencies (ms) of every op.
+        distill_loss: (layer, op) -> distillation loss, for DONNAv2's filter.
+        candidates, failed: how many ops there were and how many failed to distil (report).
+    """
+    by_latency = [{op: a for op, a in fit.a[i].items() if b[i][op] <= b[i][TEACHER]}
+                  for i in range(len(fit.a))]
+    slower = sum(len(fit.a[i]) - len(by_latency[i]) for i in range(len(fit.a)))
+    dominated = 0
+    if cfg.donnav2_filter:
+        by_latency, dominated = donnav2_filter(by_latency, b, distill_loss)
+    limit = cfg.max_accuracy_drop
+    by_acc = [{op: a for op, a in layer.items() if fit.acc_drop[i][op] <= limit}
+              for i, layer in enumerate(by_latency)]
+    info = {
+        "candidates": candidates,
+        "removed_slower_than_teacher": slower,
+        "removed_failed_distillation": failed,
+        "removed_dominated_donnav2": dominated,
+        "removed_accuracy_drop": sum(map(len, by_latency)) - sum(map(len, by_acc)),
+        "accuracy_filter_applied": True,
+    }
+    keep, notes = by_acc, []
+    fastest = sum(min(b[i][op] for op in layer) for i, layer in enumerate(by_acc))
+    if fastest > budget_ms:
+        keep = by_latency
+        info.update(accuracy_filter_applied=False, removed_accuracy_drop=0)
+        notes.append(f"accuracy prefilter (>{limit} points) skipped: it would leave no "
+                     "architecture within the budget")
+    info["kept"] = sum(map(len, keep))
+    return Prefiltered(keep, info, notes)
+
+
+def donnav2_filter(layers: list[dict[str, float]], b: list[dict[str, float]],
+                   distill_loss) -> tuple[list[dict[str, float]], int]:
+    """DONNAv2's filter: drop an op when another op of the same layer is at least as good in
+    distillation loss and latency and better in one (the teacher counts with loss 0)."""
+    out, removed = [], 0
+    for i, layer in enumerate(layers):
+        loss = {op: distill_loss(i, op) for op in layer}
+        keep = {}
+        for op, a in layer.items():
+            if any(loss[o] <= loss[op] and b[i][o] <= b[i][op]
+                   and (loss[o] < loss[op] or b[i][o] < b[i][op]) for o in layer if o != op):
+                removed += 1
+            else:
+                keep[op] = a
+        out.append(keep)
+    return out, removed

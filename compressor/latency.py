@@ -8,6 +8,7 @@ says whether any was used, so the report can say so.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -20,7 +21,7 @@ from .split import TEACHER, Split, format_shape
 from .store import Store
 
 __all__ = ["resolve_target", "layer_latencies", "measure_model", "op_key", "can_measure",
-           "lut_for_build"]
+           "lut_for_build", "Latencies", "latency_table", "Measurer", "missing_entries"]
 
 _logger = logging.getLogger(__name__)
 
@@ -238,3 +239,84 @@ def layer_latencies(
         for op in ops:
             b[i][op] = lut.get(op_key(split, arch_key, i, op), layer.in_shape, layer.out_shape)
     return b, stem_ms, head_ms
+
+
+@dataclass
+class Latencies:
+    """The LUT phase's artifact: b[i][op] (ms) for every candidate, the stem and head, and what
+    the LUT had to do to give them."""
+
+    b: list[dict[str, float]]
+    stem_ms: float
+    head_ms: float
+    measured_entries: int = 0
+    estimated: bool = False
+
+    @property
+    def fixed_ms(self) -> float:
+        """Stem and head: in every student."""
+        return self.stem_ms + self.head_ms
+
+    @property
+    def teacher_ms(self) -> float:
+        return self.fixed_ms + sum(layer[TEACHER] for layer in self.b)
+
+    @property
+    def min_ms(self) -> float:
+        """The fastest student the pool allows (every layer on its fastest op)."""
+        return self.fixed_ms + sum(min(layer.values()) for layer in self.b)
+
+    def budget(self, speedup: float) -> float:
+        """The layers' share of `speedup` x the teacher's latency."""
+        return speedup * self.teacher_ms - self.fixed_ms
+
+    def check_reachable(self, speedup: float, model_name: str, target: str) -> None:
+        """Raises InfeasibleError (one line: what is reachable) when `speedup` is not."""
+        from ._errors import InfeasibleError
+
+        if speedup * self.teacher_ms < self.min_ms:
+            lowest = self.min_ms / self.teacher_ms
+            raise InfeasibleError(
+                f"speedup {speedup} is out of reach for {model_name} on target '{target}': "
+                "even the fastest op in every layer (identity where the shapes allow) gives "
+                f"{lowest:.3f}; ask for a speedup of at least {lowest:.3f}")
+
+    def not_slower(self, candidates: dict[int, list[str]]) -> dict[int, list[str]]:
+        """HANT's latency prefilter: the candidates no slower than the teacher's layer."""
+        return {i: [op for op in ops if self.b[i][op] <= self.b[i][TEACHER]]
+                for i, ops in candidates.items()}
+
+    def to_dict(self) -> dict:
+        return {"measured_entries": self.measured_entries, "cached": not self.measured_entries,
+                "estimated": self.estimated,
+                "min_speedup": round(self.min_ms / self.teacher_ms, 4)}
+
+
+def latency_table(split: Split, arch_key: str, candidates: dict[int, list[str]], lut: LUT,
+                  lut_path: Path | None, progress: bool = True) -> Latencies:
+    """The LUT phase: every candidate's latency, measured or estimated where missing."""
+    before = len(lut.entries)
+    b, stem, head = layer_latencies(split, arch_key, candidates, lut, lut_path, progress)
+    return Latencies(b, stem, head, len(lut.entries) - before, lut.estimated)
+
+
+class Measurer:
+    """End-to-end latency on the target, when its hardware is here (else every figure is
+    None): the teacher's once, then any student's."""
+
+    def __init__(self, lut: LUT, lut_path: Path | None, teacher: nn.Module, input_size):
+        self.lut, self.input_size, self.teacher = lut, tuple(input_size), teacher
+        self.here = can_measure(lut, lut_path)
+        self._teacher_ms: float | None = None
+        self.count = 0  # students measured
+
+    def teacher_ms(self) -> float | None:
+        if self.here and self._teacher_ms is None:
+            self._teacher_ms = measure_model(self.teacher, self.input_size, self.lut.target).ms
+        return self._teacher_ms
+
+    def student_ms(self, model: nn.Module) -> float | None:
+        if not self.here:
+            return None
+        self.count += 1
+        return measure_model(model, self.input_size, self.lut.target).ms

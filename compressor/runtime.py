@@ -30,6 +30,11 @@ class Runtime:
     channels_last: bool = False
     loader_workers: int = 0
 
+    @classmethod
+    def cpu(cls) -> Runtime:
+        """The CPU in fp32, in this process (the default of every phase function)."""
+        return cls(torch.device("cpu"))
+
     def autocast(self):
         """Autocast to `amp` on the device (a no-op context in fp32)."""
         if self.amp is None:

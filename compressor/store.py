@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,7 +16,9 @@ from latency_luts.files import atomic_write
 
 from ._errors import ArtifactError
 
-__all__ = ["Store", "atomic_write", "digest", "tensor_digest", "default_work_dir"]
+__all__ = ["Store", "atomic_write", "cached", "digest", "tensor_digest", "default_work_dir"]
+
+T = TypeVar("T")
 
 
 def default_work_dir() -> Path:
@@ -73,3 +76,14 @@ class Store:
             raise ArtifactError(
                 f"work-dir artifact {path} is unreadable ({e}); delete it and run again"
             ) from e
+
+
+def cached(path: Path, compute: Callable[[], T], save: Callable[[T, Path], object],
+           load: Callable[[Path], T]) -> tuple[T, bool]:
+    """The artifact at `path` (a file named by a key of everything it depends on): loaded when
+    there, else computed and saved (atomically, by `save`). Returns (artifact, was cached)."""
+    if Path(path).exists():
+        return load(path), True
+    value = compute()
+    save(value, path)
+    return value, False

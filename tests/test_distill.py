@@ -217,10 +217,13 @@ def test_two_torchrun_processes_give_the_single_process_pool(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("distilled ") == 1  # rank 0 speaks for both
 
-    run = compressor.Run("test_efficientnet", data, "cpu", 0.5, checkpoint=ckpt,
-                         recipe=str(recipe), work_dir=tmp_path / "single", progress=False)
-    single = run.distill()  # one thread, like each torchrun rank
-    root = tmp_path / "ranks" / run.distill_root.relative_to(tmp_path / "single")
+    from compressor import pipeline
+
+    run = compressor.prepare("test_efficientnet", data, "cpu", 0.5, checkpoint=ckpt,
+                             recipe=str(recipe), work_dir=tmp_path / "single", progress=False)
+    pool = pipeline.distill_step(run, pipeline.lut_step(run))  # one thread, like each rank
+    single = pool.results
+    root = tmp_path / "ranks" / pool.root.relative_to(tmp_path / "single")
     info = json.loads((root / "last_run.json").read_text())
     assert info["world_size"] == 2
     # with the LUT not built yet the ranks train every candidate (the ranks cannot share one

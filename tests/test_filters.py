@@ -2,8 +2,8 @@
 
 import torch
 
-from compressor.distill import OpResult, _loss
-from compressor.pipeline import Run
+from compressor.distill import _loss
+from compressor.fitness import donnav2_filter
 
 
 def test_nsr_is_zero_for_a_perfect_op_and_per_channel_scale_free():
@@ -21,11 +21,8 @@ def test_nsr_is_zero_for_a_perfect_op_and_per_channel_scale_free():
 
 
 def test_donnav2_drops_ops_dominated_in_loss_and_latency():
-    run = Run.__new__(Run)
-    run.distilled = {(0, "fast_good"): OpResult(0, "fast_good", 0.1),
-                     (0, "slow_bad"): OpResult(0, "slow_bad", 0.3),
-                     (0, "fast_bad"): OpResult(0, "fast_bad", 0.5)}
-    run.b = [{"teacher": 1.0, "fast_good": 0.2, "slow_bad": 0.6, "fast_bad": 0.1}]
+    loss = {"fast_good": 0.1, "slow_bad": 0.3, "fast_bad": 0.5}
+    b = [{"teacher": 1.0, "fast_good": 0.2, "slow_bad": 0.6, "fast_bad": 0.1}]
     layer = {"teacher": 0.0, "fast_good": 0.01, "slow_bad": 0.02, "fast_bad": 0.03}
-    kept, removed = run._donnav2([layer])
+    kept, removed = donnav2_filter([layer], b, lambda i, op: loss.get(op, 0.0))
     assert removed == 1 and set(kept[0]) == {"teacher", "fast_good", "fast_bad"}

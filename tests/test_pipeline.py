@@ -12,6 +12,7 @@ import torch
 
 import compressor
 from compressor import distill as distill_mod
+from compressor import pipeline, selection
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +107,10 @@ def test_interrupted_distillation_resumes(run_result, monkeypatch):
         return real(*args, **kw)
 
     monkeypatch.setattr(distill_mod, "_train_group", interrupt_after_first)
-    run = compressor.Run(d["teacher"], d["data"], "cpu", 0.6, **kwargs)
-    run.luts()
+    run = compressor.prepare(d["teacher"], d["data"], "cpu", 0.6, **kwargs)
+    lat = pipeline.lut_step(run)
     with pytest.raises(KeyboardInterrupt):
-        run.distill()
+        pipeline.distill_step(run, lat)
     saved = list(work.rglob("distill/*/*/*.json"))
     assert saved  # the first group is on disk
     trained = []
@@ -119,9 +120,8 @@ def test_interrupted_distillation_resumes(run_result, monkeypatch):
         return real(split, group, *args, **kw)
 
     monkeypatch.setattr(distill_mod, "_train_group", record)
-    run2 = compressor.Run(d["teacher"], d["data"], "cpu", 0.6, **kwargs)
-    run2.luts()
-    res = run2.distill()
+    run2 = compressor.prepare(d["teacher"], d["data"], "cpu", 0.6, **kwargs)
+    res = pipeline.distill_step(run2, pipeline.lut_step(run2)).results
     assert len(trained) == len(res) - len(saved)  # only what was missing was trained
     assert not list(work.rglob("*.tmp"))  # no half-written artifact
 
@@ -274,7 +274,6 @@ def test_channel_divisor_travels_with_the_model_and_keys(run_result, tmp_path):
 def test_recipe_search_gap_and_total_time_reach_the_solver(run_result, monkeypatch):
     """search.gap and search.total_time_limit go to the integer program, and every solution in
     the report says what was proven (status, bound, gap, nodes)."""
-    from compressor import pipeline
 
     d = run_result
     seen = []
@@ -283,14 +282,17 @@ def test_recipe_search_gap_and_total_time_reach_the_solver(run_result, monkeypat
         seen.append(kwargs)
         return real(*args, **kwargs)
 
-    real = pipeline.solve
-    monkeypatch.setattr(pipeline, "solve", spy)
+    real = selection.solve
+    monkeypatch.setattr(selection, "solve", spy)
     recipe = d["kwargs"]["recipe"].override("search", gap=0.2, total_time_limit=30.0,
                                               verify_rounds=1)
-    run = compressor.Run(d["teacher"], d["data"], "cpu", 0.6, **dict(d["kwargs"], recipe=recipe))
-    run.search()
+    run = compressor.prepare(d["teacher"], d["data"], "cpu", 0.6,
+                             **dict(d["kwargs"], recipe=recipe))
+    lat = pipeline.lut_step(run)
+    pool = pipeline.distill_step(run, lat)
+    sel = pipeline.search_step(run, lat, pool, pipeline.fitness_step(run, pool))
     assert seen and all(kw["gap"] == 0.2 and kw["total_time_limit"] == 30.0 for kw in seen)
-    sols = run.search_rounds[-1]["solutions"]  # what the report lists under search.rounds
+    sols = sel.rounds[-1]["solutions"]  # what the report lists under search.rounds
     for s in sols:
         assert s["status"] in ("optimal", "feasible")
         assert s["bound"] is not None and s["bound"] <= s["objective"] + 1e-12
@@ -308,6 +310,76 @@ def test_unusable_solver_fails_before_any_work(run_result, monkeypatch, tmp_path
     for solver, message in (("gurobi", "needs gurobipy"), ("NO_SUCH_SOLVER", "not available")):
         recipe = d["kwargs"]["recipe"].override("search", solver=solver)
         with pytest.raises(SearchError, match=message):
-            compressor.Run(d["teacher"], d["data"], "cpu", 0.6,
+            compressor.prepare(d["teacher"], d["data"], "cpu", 0.6,
                            **dict(d["kwargs"], recipe=recipe, work_dir=tmp_path / "w"))
         assert not (tmp_path / "w").exists() or not any((tmp_path / "w").rglob("*.json"))
+
+
+def test_hant_distill_then_compress_trains_what_compress_alone_trains(run_result, tmp_path,
+                                                                      monkeypatch):
+    """`hant distill` first, then `compress` on the same work dir: compress trains nothing
+    more, and alone (a fresh work dir) it trains exactly the ops `hant distill` trained."""
+    from click.testing import CliRunner
+
+    from compressor.cli import hant
+
+    d = run_result
+    ckpt = tmp_path / "teacher.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(d["teacher"].state_dict(), str(ckpt))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base: default\npool:\n  include: [identity, efn_3x3_e1_se1.00, "
+                      "cb_bottle_3x3_ex0.125]\ndistill:\n  batch_size: 8\n"
+                      "search:\n  k: 2\nfinetune:\n  epochs: 1\n  batch_size: 8\n"
+                      "data:\n  candidate_eval_images: 8\n  batch_size: 8\n")
+    trained = []
+    real = distill_mod._train_group
+
+    def record(split, group, *args, **kw):
+        trained.extend(group)
+        return real(split, group, *args, **kw)
+
+    monkeypatch.setattr(distill_mod, "_train_group", record)
+    common = ["test_efficientnet", "--data", str(d["data"]), "--checkpoint", str(ckpt),
+              "--recipe", str(recipe), "--speedup", "0.6", "--quiet"]
+    res = CliRunner().invoke(hant, ["distill", *common, "--work-dir", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    by_hant = sorted(trained)
+    assert by_hant
+    trained.clear()
+    run = compressor.prepare("test_efficientnet", d["data"], "cpu", 0.6, checkpoint=ckpt,
+                             recipe=str(recipe), work_dir=tmp_path / "a", progress=False)
+    pipeline.run_all(run)
+    assert trained == []  # compress after hant distill: nothing left to train
+    compressor.compress("test_efficientnet", d["data"], "cpu", 0.6, checkpoint=ckpt,
+                        recipe=str(recipe), work_dir=tmp_path / "b", progress=False)
+    assert sorted(trained) == by_hant  # compress alone trains the same ops
+
+
+def test_each_phase_runs_alone_from_its_inputs(run_result, tmp_path):
+    """Every step takes what it needs and nothing else: an artifact made by one run feeds the
+    next step of another run (same inputs, fresh state), and the fitness table comes back from
+    the work dir instead of being recomputed."""
+    d = run_result
+    kwargs = dict(d["kwargs"], work_dir=tmp_path / "w")
+    first = compressor.prepare(d["teacher"], d["data"], "cpu", 0.6, **kwargs)
+    lat = pipeline.lut_step(first)
+    assert lat.teacher_ms > lat.min_ms > 0 and lat.budget(0.6) > 0
+    pool = pipeline.distill_step(first, lat)
+    assert pool.results and all(r.status == "ok" for r in pool.results.values())
+    second = compressor.prepare(d["teacher"], d["data"], "cpu", 0.6, **kwargs)
+    fit = pipeline.fitness_step(second, pool)
+    assert second.phases["fitness"]["cached"] is False
+    again = pipeline.fitness_step(compressor.prepare(d["teacher"], d["data"], "cpu", 0.6,
+                                                     **kwargs), pool)
+    assert again == fit
+    sel = pipeline.search_step(second, lat, pool, fit)
+    assert sel.best.latency_ms + lat.fixed_ms <= 0.6 * lat.teacher_ms + 1e-9
+    student = pipeline.finetune_step(second, pool, sel.best.choices)
+    assert student.record["epochs"] == 1 and len(student.record["history"]) == 1
+    assert "search_loss" in student.record["history"][0]  # the search part, every epoch
+    scores = pipeline.evaluate_step(second, student.model)
+    assert scores["student"]["images"] == len(second.parts["eval"])
+    report = pipeline.build_report(second, lat, pool, sel, scores)
+    assert report["student"]["choices"] == list(sel.best.choices)

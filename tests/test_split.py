@@ -126,7 +126,7 @@ def test_untraceable_model():
 
 def test_bad_op_names_say_op_layer_and_shapes(caplog):
     from compressor import RecipeError
-    from compressor.pipeline import candidate_ops
+    from compressor.inputs import candidate_ops
     from compressor.recipe import PoolCfg
 
     s = compressor.split(timm.create_model("test_efficientnet").eval())

@@ -1,0 +1,191 @@
+"""The search phase: K diverse architectures (the integer program of Eq. 4, or NSGA-II), each
+evaluated with its distilled weights on a few search images, the best one picked; when the
+target's hardware is here the pick is measured end to end and the budget tightened until the
+measured speedup meets the request (verify rounds). With several speedups, one best
+architecture per speedup (the front)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ._errors import SearchError
+from .data import ImageSource
+from .evaluate import Logits, mean_loss, predict
+from .evolution import nsga2
+from .fitness import Fitness, prefilter
+from .latency import Latencies, Measurer
+from .pool import Pool
+from .recipe import FitnessCfg, SearchCfg
+from .runtime import Runtime
+from .search import Solution, kendall_tau, min_latency, solve
+
+__all__ = ["Selection", "select_architecture"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Selection:
+    """The chosen architecture, every round's K solutions with their evaluated losses, the
+    prefilter's counts, the front (several speedups) and what the search had to note."""
+
+    best: Solution
+    rounds: list[dict]
+    prefilter: dict
+    method: str
+    teacher_measured_ms: float | None = None
+    front: dict | None = None
+    measured_in_loop: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def measured_ms(self) -> float | None:
+        return self.rounds[-1]["measured_ms"]
+
+    def to_dict(self) -> dict:
+        out = {"prefilter": self.prefilter, "rounds": len(self.rounds), "method": self.method}
+        if self.measured_in_loop is not None:
+            out["architectures_measured_in_loop"] = self.measured_in_loop
+        return out
+
+
+@dataclass
+class _Ranker:
+    """Solves for K architectures and ranks them by their loss on the candidate images."""
+
+    pool: Pool
+    lat: Latencies
+    cfg: SearchCfg
+    cand: ImageSource
+    t_logits: Logits
+    runtime: Runtime
+    seed: int
+    latency_fn: object = None
+
+    def __call__(self, a, b, budget: float) -> tuple[list[Solution], list[float], float, int]:
+        cfg = self.cfg
+        if cfg.method == "nsga2":
+            sols = nsga2(a, b, budget, pop_size=cfg.pop_size, generations=cfg.generations,
+                         seed=self.seed, time_limit=cfg.time_limit,
+                         latency_fn=self.latency_fn)[: cfg.k]
+            if not sols:
+                raise SearchError("NSGA-II found no architecture within the budget; use the "
+                                  "integer program (--search ip) or a larger budget")
+        else:
+            sols = solve(a, b, budget, k=cfg.k, overlap=cfg.overlap, solver=cfg.solver,
+                         time_limit=cfg.time_limit, teacher_ms=self.lat.teacher_ms,
+                         fixed_ms=self.lat.fixed_ms, total_time_limit=cfg.total_time_limit,
+                         gap=cfg.gap)
+        losses = [self.loss(sol.choices) for sol in sols]
+        tau = kendall_tau([sol.objective for sol in sols], losses)
+        return sols, losses, tau, min(range(len(sols)), key=losses.__getitem__)
+
+    def loss(self, choices) -> float:
+        model = self.pool.assemble(list(choices)).eval()
+        return mean_loss(predict(model, self.cand, self.runtime), self.t_logits)
+
+
+def select_architecture(
+    pool: Pool,
+    lat: Latencies,
+    fit: Fitness,
+    cand: ImageSource,
+    teacher: nn.Module,
+    cfg: SearchCfg,
+    fitness_cfg: FitnessCfg,
+    speedups: list[float],
+    measurer: Measurer,
+    *,
+    candidates: int,
+    runtime: Runtime | None = None,
+    seed: int = 0,
+) -> Selection:
+    """The search phase for ``speedups[0]`` (and the front over all of `speedups`)."""
+    runtime = runtime or Runtime.cpu()
+    speedup = speedups[0]
+    budget = lat.budget(speedup)
+    pre = prefilter(fit, lat.b, pool.loss, fitness_cfg, budget, candidates, len(pool.failed))
+    for note in pre.notes:
+        _logger.warning(note)
+    notes = list(pre.notes)
+    a = pre.a
+    b = [{op: lat.b[i][op] for op in layer} for i, layer in enumerate(a)]
+    t_logits = predict(teacher, cand, runtime)
+    rank = _Ranker(pool, lat, cfg, cand, t_logits, runtime, seed,
+                   _latency_in_loop(cfg, measurer, pool, lat, notes))
+    t_meas = measurer.teacher_ms()
+    rounds, best = [], None
+    for _ in range(max(1, cfg.verify_rounds)):
+        sols, losses, tau, j = rank(a, b, budget)
+        best = sols[j]
+        measured = measurer.student_ms(pool.assemble(best.choices))
+        rounds.append({
+            "budget_ms": budget, "solutions": [x.to_dict() for x in sols],
+            "candidate_losses": losses, "best": j,
+            "predicted_ms": lat.fixed_ms + best.latency_ms,
+            "kendall_tau": None if math.isnan(tau) else tau, "measured_ms": measured,
+        })
+        if measured is None or t_meas is None:
+            break
+        got = measured / t_meas
+        if got <= speedup + cfg.tolerance:
+            break
+        budget *= speedup / got  # tighten towards the measured ratio
+        if budget < min_latency(b):
+            notes.append("measured speedup missed the request and the budget cannot be "
+                         "tightened further")
+            break
+        _logger.info("measured speedup %.3f misses %.3f; tightening the budget", got, speedup)
+    measured_in_loop = (measurer.count - len(rounds)
+                        if cfg.method == "nsga2" and cfg.hardware_in_loop and measurer.here
+                        else None)
+    front = (_front(rank, a, b, lat, speedups, rounds[-1], t_logits)
+             if len(speedups) > 1 else None)
+    return Selection(best, rounds, pre.info, cfg.method, t_meas, front, measured_in_loop,
+                     notes)
+
+
+def _latency_in_loop(cfg: SearchCfg, measurer: Measurer, pool: Pool, lat: Latencies,
+                     notes: list[str]):
+    """DONNA's hardware in the loop for NSGA-II: each architecture's latency measured end to
+    end on the target (less the LUT's stem and head, to stay on the layers' scale of the
+    budget), when the recipe asks for it and the target's hardware is here; else None (the LUT
+    sum)."""
+    if not cfg.hardware_in_loop:
+        return None
+    if not measurer.here:
+        notes.append("search.hardware_in_loop: the target's hardware is not here, so NSGA-II "
+                     "used the LUT's latencies")
+        return None
+
+    def measured(choices: list[str]) -> float:
+        return measurer.student_ms(pool.assemble(choices)) - lat.fixed_ms
+
+    return measured
+
+
+def _front(rank: _Ranker, a, b, lat: Latencies, speedups: list[float], final: dict,
+           t_logits: Logits) -> dict:
+    """Best architecture per requested speedup, all from the same pool and LUT."""
+    points = []
+    for sp in speedups:
+        if sp == speedups[0]:
+            sol = final["solutions"][final["best"]]
+            points.append({"speedup_requested": sp, "latency_ms": lat.fixed_ms + sol[
+                "latency_ms"], "loss": final["candidate_losses"][final["best"]],
+                "choices": sol["choices"]})
+            continue
+        try:
+            sols, losses, _, j = rank(a, b, lat.budget(sp))
+        except SearchError as e:  # InfeasibleError included: the point says why
+            points.append({"speedup_requested": sp, "latency_ms": None, "loss": None,
+                           "choices": None, "error": str(e)})
+            continue
+        points.append({"speedup_requested": sp, "latency_ms": lat.fixed_ms + sols[j].latency_ms,
+                       "loss": losses[j], "choices": sols[j].choices})
+    teacher = {"latency_ms": lat.teacher_ms, "loss": mean_loss(t_logits, t_logits)}
+    return {"points": points, "teacher": teacher}
