@@ -20,12 +20,15 @@ import logging
 import math
 import sys
 import time
+from pathlib import Path
 
 import pulp
 
 from compressor.evolution import nsga2
 from compressor.search import solve
-from tests.instances import as_arrays, make_instance
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: see tests/
+from tests.instances import as_arrays, make_instance  # noqa: E402  (one seeded generator)
 
 __all__ = ["make_instance", "as_arrays", "baseline", "main"]
 
