@@ -15,8 +15,8 @@ the distill part. It prints
      "loader_baseline_images_per_second": ..., "in_memory_images_per_second": ...,
      "throughput_vs_in_memory": ...}
 
-* ``peak_rss_mib``: this process's peak resident memory (decoding workers are separate
-  processes; their peak is ``worker_peak_rss_mib``);
+* ``peak_rss_mib``: this process's peak resident memory up to the end of the finetune
+  (decoding workers are separate processes: ``children_peak_rss_mib`` is the largest child's);
 * ``images_per_second``: the finetune epoch's training images per second through our
   streaming loader;
 * ``in_memory_images_per_second``: the same finetune (same model, batch, steps) on images
@@ -60,7 +60,7 @@ __all__ = ["main", "make_folder"]
 
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331",
          "n01498041", "n01514668", "n01514859", "n01518878"]
-OPS = ["identity", "efn_3x3_e1_se1.00"]
+OPS = ["efn_3x3_e1_se1.00", "cb_bottle_3x3_ex0.125"]
 
 
 def make_folder(root: Path, n: int, size: int = 72, seed: int = 0) -> Path:
@@ -102,8 +102,11 @@ def _timm_loader_rate(root: Path, size: int, batch: int, workers: int, limit: in
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--model", default="test_efficientnet", help="timm model (random weights)")
     p.add_argument("--size", type=int, default=64, help="model input size (px)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", default="auto",
+                   help="decoding processes (runtime.loader_workers) [default: auto]")
     p.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "hant-data-scale")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
@@ -113,9 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
     root = make_folder(args.root / str(args.images), args.images, size=args.size + 8)
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    teacher = timm.create_model("test_efficientnet").eval()
+    teacher = timm.create_model(args.model).eval()
     s = split_model(teacher, input_size=(3, args.size, args.size))
-    runtime = Runtime(torch.device("cpu"), loader_workers=loader_workers("auto",
+    workers = args.workers if args.workers == "auto" else int(args.workers)
+    runtime = Runtime(torch.device("cpu"), loader_workers=loader_workers(workers,
                                                                          torch.device("cpu")))
     images = scan_images(root)
     idx = split_indices(len(images), 0.6, 0.15, seed=0)
@@ -128,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     parts = {k: part(k) for k in idx}
     cands = candidate_ops(s, PoolCfg(include=OPS))
-    cfg = DistillCfg(batch_size=args.batch_size, cache_activations=False, group_size=1)
+    cfg = DistillCfg(batch_size=args.batch_size, cache_activations=False, group_size=1,
+                     optimizer="adam", lr=1e-3)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         res = distill(s, cands, parts["distill"], cfg, Store(tmp), Path(tmp) / "d",
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     streamed = len(parts["distill"]) / t_finetune
     seconds = time.perf_counter() - t_start
     peak = _rss_mib(resource.RUSAGE_SELF)
-    workers_peak = _rss_mib(resource.RUSAGE_CHILDREN)
+    children_peak = _rss_mib(resource.RUSAGE_CHILDREN)
 
     # the same finetune on images already in memory (at most 2000: what the model allows)
     mem_n = min(len(parts["distill"]), 2000)
@@ -165,8 +170,10 @@ def main(argv: list[str] | None = None) -> dict:
                                  len(parts["distill"]))
     out = {
         "images": args.images,
+        "model": args.model,
+        "input_size": args.size,
         "peak_rss_mib": round(peak, 1),
-        "worker_peak_rss_mib": round(workers_peak, 1),
+        "children_peak_rss_mib": round(children_peak, 1),
         "seconds": round(seconds, 2),
         "phase_seconds": {"distill": round(t_distill, 2), "fitness": round(t_fitness, 2),
                           "finetune": round(t_finetune, 2)},
