@@ -41,8 +41,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DistillError(
-                f"distill.device is {name!r} but CUDA is not available here; "
-                "set distill.device to auto or cpu"
+                f"device {name!r} (--device, recipe runtime.device) asks for CUDA, which is "
+                "not available here; pass --device auto or cpu"
             )
         if device.index is None:
             device = torch.device("cuda", _env_int("LOCAL_RANK", 0) % torch.cuda.device_count())

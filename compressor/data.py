@@ -128,14 +128,15 @@ def view_seed(seed: int, epoch: int, position: int) -> int:
 
 
 def loader_workers(setting: int | str, device: torch.device) -> int:
-    """Decoding processes: ``auto`` is one per spare core on CPU (the training uses the
-    others) and up to 8 on CUDA."""
+    """Decoding processes: ``auto`` is up to 8 on CUDA; on the CPU, where training uses every
+    core, half the cores beyond two, at most 4 (none on 2 cores: measured no faster there,
+    `benchmarks/data_scale.py`, since a decoding process stalls a training thread)."""
     if setting != "auto":
         return int(setting)
     cores = os.cpu_count() or 1
     if device.type == "cuda":
         return max(1, min(8, cores - 1))
-    return max(0, min(4, cores // 2))
+    return max(0, min(4, (cores - 2) // 2))
 
 
 class _Files(torch.utils.data.Dataset):

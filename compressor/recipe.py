@@ -45,7 +45,7 @@ class RuntimeCfg:
     device: str = "auto"  # auto: this rank's GPU if CUDA is available, else cpu
     amp: bool | str = "auto"  # autocast on CUDA: auto (= fp16), fp16, bf16, false
     channels_last: bool = False
-    loader_workers: int | str = "auto"  # decoding processes; auto: spare cores (CPU), 8 (CUDA)
+    loader_workers: int | str = "auto"  # decoding processes; auto: see data.loader_workers
 
 
 @dataclass

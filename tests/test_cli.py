@@ -92,3 +92,35 @@ def test_lut_file_workflow(images, tmp_path, small_pool):
     res = CliRunner().invoke(hant, build)
     assert res.exit_code == 0 and "wrote" in res.output
     assert set(json.loads(lut.read_text())["entries"]) == before
+
+
+def test_a_bad_device_is_one_line_and_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from compressor.cli import compress_main
+
+    from .conftest import make_images
+
+    data = make_images(tmp_path / "imgs", 10)
+    res = CliRunner().invoke(compress_main, ["test_efficientnet", "--data", str(data),
+                                             "--random-init", "--device", "tpu", "-o",
+                                             str(tmp_path / "out"), "--quiet"])
+    assert res.exit_code == 2
+    assert res.output.strip().count("\n") == 0 and "runtime.device is 'tpu'" in res.output
+
+
+def test_cuda_asked_for_where_there_is_none_is_one_line(tmp_path):
+    import torch
+    from click.testing import CliRunner
+
+    from compressor.cli import compress_main
+
+    from .conftest import make_images
+
+    if torch.cuda.is_available():
+        return  # the message is for machines without CUDA
+    data = make_images(tmp_path / "imgs", 10)
+    res = CliRunner().invoke(compress_main, ["test_efficientnet", "--data", str(data),
+                                             "--random-init", "--device", "cuda", "-o",
+                                             str(tmp_path / "out"), "--quiet"])
+    assert res.exit_code == 2 and "not available here" in res.output

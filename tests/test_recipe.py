@@ -66,3 +66,38 @@ def test_default_yaml_states_exactly_the_dataclass_defaults():
     sig = inspect.signature(nsga2).parameters
     assert (sig["pop_size"].default, sig["generations"].default) == (
         SearchCfg().pop_size, SearchCfg().generations)
+
+
+def test_runtime_and_finetune_fields_are_checked(tmp_path):
+    for text, match in [("runtime:\n  amp: fp8", "runtime.amp"),
+                        ("runtime:\n  device: npu", "runtime.device"),
+                        ("finetune:\n  ema_decay: 1.5", "ema_decay"),
+                        ("finetune:\n  mixup: -1", "mixup"),
+                        ("data:\n  train_scale: [0.5, 0.1]", "train_scale")]:
+        p = tmp_path / "r.yaml"
+        p.write_text(text + "\n")
+        with pytest.raises(RecipeError, match=match):
+            load_recipe(str(p))
+
+
+def test_runtime_resolves_to_the_cpu_in_fp32_here():
+    import dataclasses
+
+    import torch
+
+    from compressor.recipe import RuntimeCfg
+    from compressor.runtime import resolve_runtime
+
+    rt = resolve_runtime(RuntimeCfg())
+    if not torch.cuda.is_available():
+        assert rt.device.type == "cpu" and rt.amp is None  # auto: no autocast on the CPU
+        assert resolve_runtime(dataclasses.replace(RuntimeCfg(), amp="bf16")).amp is None
+    rt = resolve_runtime(RuntimeCfg(device="cpu", channels_last=True, loader_workers=3))
+    assert rt.loader_workers == 3 and rt.channels_last
+    x = rt.input(torch.randn(2, 3, 8, 8))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    m = torch.nn.Conv2d(3, 4, 3)
+    assert rt.module(m) is not m  # a copy in the recipe's memory format; the original stays
+    assert rt.module(m).weight.is_contiguous(memory_format=torch.channels_last)
+    plain = resolve_runtime(RuntimeCfg(device="cpu"))
+    assert plain.module(m) is m and plain.to_dict()["device"] == "cpu"
