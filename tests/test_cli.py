@@ -125,3 +125,24 @@ def test_cuda_asked_for_where_there_is_none_is_one_line(tmp_path):
                                              "--random-init", "--device", "cuda", "-o",
                                              str(tmp_path / "out"), "--quiet"])
     assert res.exit_code == 2 and "not available here" in res.output
+
+
+def test_hant_search_and_finetune_commands(tmp_path):
+    """The phase commands run the pipeline's steps over one work dir: search prints the K
+    solutions and the best, finetune the summary on the held-out images."""
+    from .conftest import make_images
+
+    data = make_images(tmp_path / "imgs", 30)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base: default\npool:\n  include: [efn_3x3_e1_se1.00, "
+                      "cb_bottle_3x3_ex0.125]\ndistill:\n  batch_size: 8\n"
+                      "search:\n  k: 2\n  verify_rounds: 1\nfinetune:\n  epochs: 1\n"
+                      "  batch_size: 8\ndata:\n  candidate_eval_images: 4\n  batch_size: 8\n")
+    common = ["test_efficientnet", "--data", str(data), "--random-init", "--recipe",
+              str(recipe), "--speedup", "0.9", "--work-dir", str(tmp_path / "w"), "--quiet"]
+    res = CliRunner().invoke(hant, ["search", *common])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("objective") == 2 and "best: " in res.output
+    res = CliRunner().invoke(hant, ["finetune", *common])
+    assert res.exit_code == 0, res.output
+    assert "held-out images" in res.output and "student  top1" in res.output
