@@ -286,7 +286,7 @@ def _phase_command(name: str, doc: str):
                     "teacher's layer)")
                 lat = None
             else:
-                lat = pipeline.lut_step(run)
+                lat = pipeline.lut_step(run, check=False)
             pool = pipeline.distill_step(run, lat)
             if _rank_zero():
                 click.echo(f"distilled {len(pool.results)} ops ({len(pool.failed)} failed) in "
@@ -305,7 +305,8 @@ def _phase_command(name: str, doc: str):
                                f"{sol['latency_ms']:.3f} ms  eval loss {loss:.4f}")
             click.echo("best: " + " ".join(sel.best.choices))
             return
-        student = pipeline.finetune_step(run, pool, sel.best.choices)
+        start = pipeline.redistill_step(run, pool, sel.best.choices)
+        student = pipeline.finetune_step(run, pool, sel.best.choices, start)
         scores = pipeline.evaluate_step(run, student.model)
         click.echo(_summary(pipeline.build_report(run, lat, pool, sel, scores)))
 

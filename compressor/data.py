@@ -120,6 +120,10 @@ class Batch:
     def __len__(self) -> int:
         return len(self.x)
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (the DataLoader calls this with ``pin_memory=True``, for CUDA)."""
+        return Batch(self.x.pin_memory(), self.y.pin_memory(), self.index, self.number)
+
 
 def view_seed(seed: int, epoch: int, position: int) -> int:
     """The seed of one augmented view: the same in every process, worker and run."""

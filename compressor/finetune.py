@@ -109,65 +109,70 @@ def finetune(
     params = [p for p in net.parameters() if p.requires_grad]
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=step, desc="finetune",
                disable=not progress)
-    rng_state = torch.random.get_rng_state()
-    for epoch in range(start, cfg.epochs):
-        scheduler.step_update(num_updates=step)
-        total, seen = 0.0, 0
-        np_state = np.random.get_state()
-        # Mixup draws from numpy, dropout and drop-path from torch: both seeded per epoch, so a
-        # resumed finetune continues exactly as an uninterrupted one would
-        np.random.seed((seed * 1_000_003 + epoch) % 2**32)
-        torch.manual_seed(seed * 1_000_003 + epoch)
-        net.train()
-        for batch in images.batches(order=_epoch_order(n, bs, seed, epoch), train=cfg.augment,
-                                    seed=seed, epoch=epoch):
-            x, y = runtime.input(batch.x), batch.y.to(runtime.device)
-            target = None
-            if mixup is not None and len(x) % 2 == 0:
-                x, target = mixup(x, y.clamp(min=0))
-            with torch.no_grad(), runtime.autocast():
-                t_logits = t_net(x).float()
-            with runtime.autocast():
-                logits = net(x).float()
-            loss = cfg.gamma_kl * kd_loss(logits, t_logits, cfg.kl_temperature)
-            if use_ce:
-                ce = (soft_ce(logits, target) if target is not None else
-                      F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing))
-                loss = loss + cfg.gamma_ce * ce
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"finetune loss became {float(loss)} at epoch {epoch}; lower finetune.lr "
-                    "in the recipe")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler(loss, optimizer, clip_grad=cfg.clip_grad, parameters=params)
-            else:
-                loss.backward()
-                if cfg.clip_grad:
-                    dispatch_clip_grad(params, cfg.clip_grad)
-                optimizer.step()
-            step += 1
-            scheduler.step_update(num_updates=step)
-            if ema is not None:
-                ema.update(net, step=step)
-            total += loss.item() * len(x)
-            seen += len(x)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{total / max(seen, 1):.3f}")
-        np.random.set_state(np_state)
-        entry = {"epoch": epoch + 1, "train_loss": total / max(seen, 1)}
-        if t_val is not None:
-            entry["search_loss"] = _val_loss(net, val, t_val, runtime)
-            if ema is not None:
-                entry["search_loss_ema"] = _val_loss(ema.module, val, t_val, runtime)
-            _logger.info("finetune epoch %d/%d: train loss %.4f, search-part loss %.4f%s",
-                         epoch + 1, cfg.epochs, entry["train_loss"], entry["search_loss"],
-                         f" (EMA {entry['search_loss_ema']:.4f})" if ema is not None else "")
-        rec["history"].append(entry)
-        if checkpoint is not None:
-            _save(checkpoint, epoch + 1, net, optimizer, ema, scaler, rec)
-    bar.close()
-    torch.random.set_rng_state(rng_state)
+    np_state = np.random.get_state()
+    devices = [runtime.device] if runtime.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the caller's streams do not move
+        try:
+            for epoch in range(start, cfg.epochs):
+                scheduler.step_update(num_updates=step)
+                total, seen = 0.0, 0
+                # Mixup draws from numpy, dropout and drop-path from torch: both seeded per
+                # epoch, so a resumed finetune continues exactly as an uninterrupted one would
+                np.random.seed((seed * 1_000_003 + epoch) % 2**32)
+                torch.manual_seed(seed * 1_000_003 + epoch)
+                net.train()
+                order = _epoch_order(n, bs, seed, epoch)
+                for batch in images.batches(order=order, train=cfg.augment, seed=seed,
+                                            epoch=epoch):
+                    x, y = runtime.input(batch.x), batch.y.to(runtime.device)
+                    target = None
+                    if mixup is not None and len(x) % 2 == 0:
+                        x, target = mixup(x, y.clamp(min=0))
+                    with torch.no_grad(), runtime.autocast():
+                        t_logits = t_net(x).float()
+                    with runtime.autocast():
+                        logits = net(x).float()
+                    loss = cfg.gamma_kl * kd_loss(logits, t_logits, cfg.kl_temperature)
+                    if use_ce:
+                        ce = (soft_ce(logits, target) if target is not None else
+                              F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing))
+                        loss = loss + cfg.gamma_ce * ce
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"finetune loss became {float(loss)} at epoch {epoch}; lower "
+                            "finetune.lr in the recipe")
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler(loss, optimizer, clip_grad=cfg.clip_grad, parameters=params)
+                    else:
+                        loss.backward()
+                        if cfg.clip_grad:
+                            dispatch_clip_grad(params, cfg.clip_grad)
+                        optimizer.step()
+                    step += 1
+                    scheduler.step_update(num_updates=step)
+                    if ema is not None:
+                        ema.update(net, step=step)
+                    total += loss.item() * len(x)
+                    seen += len(x)
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{total / max(seen, 1):.3f}")
+                entry = {"epoch": epoch + 1, "train_loss": total / max(seen, 1)}
+                if t_val is not None:
+                    entry["search_loss"] = _val_loss(net, val, t_val, runtime)
+                    if ema is not None:
+                        entry["search_loss_ema"] = _val_loss(ema.module, val, t_val, runtime)
+                    ema_loss = (f" (EMA {entry['search_loss_ema']:.4f})" if ema is not None
+                                else "")
+                    _logger.info("finetune epoch %d/%d: train loss %.4f, search-part loss "
+                                 "%.4f%s", epoch + 1, cfg.epochs, entry["train_loss"],
+                                 entry["search_loss"], ema_loss)
+                rec["history"].append(entry)
+                if checkpoint is not None:
+                    _save(checkpoint, epoch + 1, net, optimizer, ema, scaler, rec)
+        finally:
+            np.random.set_state(np_state)
+            bar.close()
     last = rec["history"][-1] if rec["history"] else {}
     keep = net
     if ema is not None and "search_loss_ema" in last and last["search_loss_ema"] < last[

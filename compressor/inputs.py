@@ -85,8 +85,18 @@ class RunInputs:
             self.notes.append(text)
 
     def skipped_files(self) -> list[str]:
-        """The unreadable files met so far, in every part."""
-        return sorted(set().union(*(p.skipped for p in self.parts.values())))
+        """The unreadable files of every part: met in this run, or by an earlier run over the
+        same files (kept in the work dir under each part's fingerprint: a cached phase reads
+        no image, so a rerun would otherwise count fewer)."""
+        out: set[str] = set()
+        for name, part in self.parts.items():
+            path = self.store.path("data", f"skipped-{self.data_fp[name]}.json")
+            known = set(self.store.read_json(path)) if path.is_file() else set()
+            if not part.skipped <= known:
+                known |= part.skipped
+                self.store.write_json(path, sorted(known))
+            out |= known
+        return sorted(out)
 
 
 def prepare(

@@ -20,11 +20,12 @@ from .fitness import Fitness, fitness
 from .inputs import RunInputs, divisor_key, prepare
 from .latency import Latencies, Measurer, latency_table
 from .pool import Pool, distill_pool
+from .redistill import redistill
 from .selection import Selection, select_architecture
 from .store import cached, digest
 
 __all__ = ["Result", "Student", "compress", "run_all", "lut_step", "distill_step", "fitness_step",
-           "search_step", "finetune_step", "evaluate_step", "build_report"]
+           "search_step", "redistill_step", "finetune_step", "evaluate_step", "build_report"]
 
 _logger = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ class Student:
     record: dict
 
 
-def lut_step(run: RunInputs) -> Latencies:
-    """b_ij for every candidate, stem and head; fails in seconds if the speedup is unreachable."""
+def lut_step(run: RunInputs, check: bool = True) -> Latencies:
+    """b_ij for every candidate, stem and head; with `check`, fails in seconds if the speedup
+    is unreachable (`hant distill`, whose result does not depend on it, does not check)."""
     with run.phase("lut") as rec:
         lat = latency_table(run.split, run.arch_key, run.candidates, run.lut, run.lut_path,
                             run.progress)
@@ -77,7 +79,8 @@ def lut_step(run: RunInputs) -> Latencies:
         t = run.lut.target
         run.note(f"target '{t.name}' ({t.hardware or t.device}) is not on this machine: its "
                  "latencies are roofline estimates, and the student is not measured end to end")
-    lat.check_reachable(run.speedup, run.teacher_name, run.lut.target.name)
+    if check:
+        lat.check_reachable(run.speedup, run.teacher_name, run.lut.target.name)
     return lat
 
 
@@ -131,14 +134,47 @@ def search_step(run: RunInputs, lat: Latencies, pool: Pool, fit: Fitness) -> Sel
     return sel
 
 
-def finetune_step(run: RunInputs, pool: Pool, choices: list[str]) -> Student:
-    """The chosen architecture with its distilled weights, finetuned on the distill part (the
-    search part's loss logged per epoch); resumes at its epoch."""
+def redistill_step(run: RunInputs, pool: Pool, choices: list[str]) -> Student:
+    """The chosen architecture with its distilled weights, its replaced ops refitted in
+    network order on its own inputs (recipe ``redistill``; 0 epochs: as distilled)."""
+    cfg = run.recipe.redistill
+    key = digest(pool.root.name, list(choices), cfg.__dict__, run.data_fp["distill"],
+                 run.train_cfg if cfg.augment else None)
+    student = pool.assemble(list(choices))
+    if cfg.epochs <= 0:
+        return Student(student, {"key": "", "epochs": 0})
+    path = run.store.path(run.teacher_key, "redistill", f"{key}.safetensors")
+    record: dict = {"key": key}
+
+    def compute() -> nn.Module:
+        record.update(redistill(student, run.split, run.parts["distill"], cfg,
+                                runtime=run.runtime, seed=run.recipe.data.seed,
+                                progress=run.progress))
+        return student
+
+    def load(p: Path) -> nn.Module:
+        student.load_state_dict(run.store.load_tensors(p))
+        return student
+
+    with run.phase("redistill") as rec:
+        model, rec["cached"] = cached(
+            path, compute, lambda m, p: run.store.save_tensors(p, m.state_dict()), load)
+        rec.update({k: v for k, v in record.items() if k != "key"})
+    return Student(model.eval(), record)
+
+
+def finetune_step(run: RunInputs, pool: Pool, choices: list[str],
+                  start: Student | None = None) -> Student:
+    """The chosen architecture (from `start`, the re-distilled student, when given; else with
+    its distilled weights), finetuned on the distill part (the search part's loss logged per
+    epoch); resumes at its epoch."""
     cfg = run.recipe.finetune
     key = digest(pool.root.name, list(choices), cfg.__dict__, run.data_fp["distill"],
-                 run.data_fp["search"], run.train_cfg if cfg.augment else None)
+                 run.data_fp["search"], run.train_cfg if cfg.augment else None,
+                 *([start.record["key"]] if start is not None and start.record.get("key")
+                   else []))
     path = run.store.path(run.teacher_key, "finetune", f"{key}.safetensors")
-    student = pool.assemble(list(choices))
+    student = start.model if start is not None else pool.assemble(list(choices))
     record: dict = {}
 
     def compute() -> nn.Module:
@@ -219,7 +255,8 @@ def run_all(run: RunInputs) -> Result:
     pool = distill_step(run, lat)
     fit = fitness_step(run, pool)
     sel = search_step(run, lat, pool, fit)
-    student = finetune_step(run, pool, sel.best.choices)
+    start = redistill_step(run, pool, sel.best.choices)
+    student = finetune_step(run, pool, sel.best.choices, start)
     scores = evaluate_step(run, student.model)
     report = build_report(run, lat, pool, sel, scores)
     return Result(student.model, report, run.teacher_name, run.teacher_args, run.input_size)

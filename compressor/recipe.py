@@ -20,6 +20,7 @@ __all__ = [
     "FitnessCfg",
     "SearchCfg",
     "FinetuneCfg",
+    "RedistillCfg",
     "RuntimeCfg",
     "load_recipe",
     "list_recipes",
@@ -104,6 +105,16 @@ class SearchCfg:
 
 
 @dataclass
+class RedistillCfg:
+    """Re-distillation of the chosen architecture on its own inputs (0 epochs: off)."""
+
+    epochs: int = 0
+    batch_size: int = 16
+    lr: float = 0.001  # Adam, every replaced op from its phase-1 weights
+    augment: bool = True
+
+
+@dataclass
 class FinetuneCfg:
     epochs: int = 2
     batch_size: int = 32
@@ -130,6 +141,7 @@ _SECTIONS = {
     "distill": DistillCfg,
     "fitness": FitnessCfg,
     "search": SearchCfg,
+    "redistill": RedistillCfg,
     "finetune": FinetuneCfg,
     "runtime": RuntimeCfg,
 }
@@ -146,6 +158,7 @@ class Recipe:
     distill: DistillCfg = field(default_factory=DistillCfg)
     fitness: FitnessCfg = field(default_factory=FitnessCfg)
     search: SearchCfg = field(default_factory=SearchCfg)
+    redistill: RedistillCfg = field(default_factory=RedistillCfg)
     finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
     runtime: RuntimeCfg = field(default_factory=RuntimeCfg)
 

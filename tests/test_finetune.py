@@ -41,11 +41,13 @@ def test_the_teacher_sees_the_same_augmented_view(setup):
     seen = {"t": [], "s": []}
     t_hook = teacher.register_forward_pre_hook(lambda m, a: seen["t"].append(a[0].clone()))
     s_hook = student.register_forward_pre_hook(lambda m, a: seen["s"].append(a[0].clone()))
+    rng = torch.random.get_rng_state()
     try:
         rec = finetune(student, teacher, part, CFG, progress=False)
     finally:
         t_hook.remove()
         s_hook.remove()
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the caller's stream is as it was
     assert rec["steps"] == 6 and len(seen["s"]) == len(seen["t"]) == 6
     for a, b in zip(seen["s"], seen["t"]):
         assert torch.equal(a, b)

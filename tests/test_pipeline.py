@@ -383,3 +383,18 @@ def test_each_phase_runs_alone_from_its_inputs(run_result, tmp_path):
     assert scores["student"]["images"] == len(second.parts["eval"])
     report = pipeline.build_report(second, lat, pool, sel, scores)
     assert report["student"]["choices"] == list(sel.best.choices)
+
+
+def test_unreadable_files_are_counted_on_a_cached_rerun_too(run_result, tmp_path):
+    """Files are found unreadable only when a part is read; a rerun whose phases are all cached
+    reads few images, yet reports the same skipped files (kept in the work dir)."""
+    d = run_result
+    data = tmp_path / "imgs"
+    shutil.copytree(d["data"], data)
+    (data / "n01440764" / "broken.jpg").write_bytes(b"not a jpeg")
+    kwargs = dict(d["kwargs"], work_dir=tmp_path / "w")
+    first = compressor.compress(d["teacher"], data, "cpu", 0.6, **kwargs).report["data"]
+    again = compressor.compress(d["teacher"], data, "cpu", 0.6, **kwargs).report
+    assert first["skipped"] == again["data"]["skipped"] == 1
+    assert "broken.jpg" in again["data"]["skipped_files"][0]
+    assert again["phases"]["fitness"]["cached"] and again["phases"]["finetune"]["cached"]
