@@ -401,15 +401,17 @@ def _train_with(split, pending, images: ImageSource, cfg: DistillCfg, store: Sto
         cache = _Cache(teacher, images, batches, cfg.augment, cfg.seed)
         _logger.info("distill: cached the teacher's activations of %d views (%d MiB) in %.1f s",
                      len(cache.acts[0]), cache.nbytes // _MIB, time.perf_counter() - t1)
-        epoch, b, idx = batches[0]
-        scale = _scales([cache.batch(j, epoch, b, idx) for j in range(len(cache.acts))])
+        # the first batch that has images, as the streaming schedule takes (a batch whose
+        # files were all unreadable never arrives there)
+        start, count = next(iter(cache.spans.values()))
+        scale = _scales([a[start : start + count] for a in cache.acts])
         g = cfg.group_size if cfg.group_size != "auto" else max(map(len, _by_layer(pending)))
     else:
         scale = None  # from the first streamed batch (no extra teacher pass), see _train_group
         g = cfg.group_size
         if g == "auto":
             # fp32 activations: the trial runs the ops outside autocast (fp16 under AMP)
-            one = next(iter(images.batches(order=[[0]])))
+            one = next(iter(images.batches(1)))  # the first readable image
             g = auto_group_size(split, pending, [a.float() for a in teacher(one.x)],
                                 cfg, device,
                                 budget - per_sample * bs, bs)

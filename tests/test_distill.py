@@ -257,3 +257,27 @@ def test_an_op_that_changes_its_input_in_place_is_refused_from_the_cache(tiny, t
         assert res[(i, "inplace_relu_test")].status == "ok"
     finally:
         ops_pool.unregister("inplace_relu_test")
+
+
+def test_a_first_batch_of_unreadable_files_gives_the_same_ops_in_every_schedule(tiny, tmp_path):
+    """The per-layer loss scale comes from the first batch that has images, in the cached and
+    the streaming schedule alike; no op fails for lack of a first batch."""
+    from timm.data import create_transform
+
+    from compressor.data import ImagePart, scan_images
+
+    s, _, _ = tiny
+    root = make_images(tmp_path / "imgs", 12, size=72)
+    images = scan_images(root)
+    first = distill_mod._batches(12, 4, 1, 0)[0][2].tolist()  # the first batch's positions
+    for p in first:
+        images.paths[p].write_bytes(b"")
+    part = ImagePart(images, range(12), create_transform(64),
+                     create_transform(64, is_training=True, scale=(0.25, 1.0)))
+    files = (s, part, {1: ["teacher", OPS[0]]})
+    cached, _ = _run(files, tmp_path, "cached", workers=1)
+    streaming, _ = _run(files, tmp_path, "streaming", cache_activations=False, workers=1)
+    key = (1, OPS[0])
+    assert cached[key].status == streaming[key].status == "ok"
+    assert cached[key].loss == pytest.approx(streaming[key].loss, rel=1e-5)
+    assert len(part.skipped) == 4
