@@ -18,7 +18,7 @@ import logging
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +123,11 @@ class Batch:
     def pin_memory(self) -> Batch:
         """Page-locked copies (the DataLoader calls this with ``pin_memory=True``, for CUDA)."""
         return Batch(self.x.pin_memory(), self.y.pin_memory(), self.index, self.number)
+
+
+def _in_order(n: int, batch_size: int) -> list[range]:
+    """Positions 0..n-1 in order, in batches of `batch_size` (the default of `batches`)."""
+    return [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
 
 def view_seed(seed: int, epoch: int, position: int) -> int:
@@ -255,8 +260,7 @@ class ImagePart:
         from (seed, epoch, position). Unreadable files are left out of their batch and
         recorded in `skipped`."""
         if order is None:
-            order = [range(s, min(s + batch_size, len(self))) for s in range(0, len(self),
-                                                                                batch_size)]
+            order = _in_order(len(self), batch_size)
         transform = self.train_transform if train and self.train_transform else self.transform
         keys = [[(int(p), view_seed(seed, epoch, int(p)) if train else None) for p in b]
                 for b in order]
@@ -293,7 +297,6 @@ class Images:
 
     x: torch.Tensor
     y: torch.Tensor
-    skipped: set[str] = field(default_factory=set)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -306,17 +309,11 @@ class Images:
         idx = list(positions)
         return Images(self.x[idx], self.y[idx])
 
-    def fingerprint(self) -> str:
-        from .store import tensor_digest
-
-        return tensor_digest([("x", self.x), ("y", self.y)])
-
     def batches(self, batch_size: int = 32, order: Sequence[Sequence[int]] | None = None, *,
                 train: bool = False, seed: int = 0, epoch: int = 0,
                 progress: str | None = None) -> Iterator[Batch]:
         if order is None:
-            order = [range(s, min(s + batch_size, len(self))) for s in range(0, len(self),
-                                                                                batch_size)]
+            order = _in_order(len(self), batch_size)
         for number, b in enumerate(order):
             idx = torch.as_tensor(list(b), dtype=torch.long)
             yield Batch(self.x[idx], self.y[idx], idx, number)

@@ -418,7 +418,7 @@ def _train_with(split, pending, images: ImageSource, cfg: DistillCfg, store: Sto
     rank, world = shard
     _logger.info("distill: %d ops on %s (%s, %s, %d worker(s)%s)", len(pending), device,
                  "cached activations" if cache else f"streaming, {g} op(s) per layer per pass",
-                 f"{str(amp).replace('torch.', '')} autocast" if amp else "fp32", workers.n,
+                 f"{runtime.amp_name} autocast" if amp else "fp32", workers.n,
                  f", rank {rank} of {world}" if world > 1 else "")
     desc = "distill" if world == 1 else f"distill (rank 0 of {world}: its share)"
     bar = tqdm(total=len(pending), desc=desc, unit="op", disable=not progress,
@@ -439,7 +439,7 @@ def _train_with(split, pending, images: ImageSource, cfg: DistillCfg, store: Sto
     finally:
         bar.close()
     return {"rank": rank, "trained": len(pending), "device": str(device),
-            "amp": str(amp).replace("torch.", "") if amp else None, "augment": cfg.augment,
+            "amp": runtime.amp_name, "augment": cfg.augment,
             "schedule": "cached" if cache else "streaming", "group_size": g,
             "workers": workers.n, "seconds": round(time.perf_counter() - t0, 3)}
 

@@ -22,16 +22,13 @@ class Logits:
     def __len__(self) -> int:
         return len(self.y)
 
-    def head(self, n: int) -> Logits:
-        return Logits(self.logits[:n], self.y[:n])
-
 
 @torch.no_grad()
 def predict(model: nn.Module, images: ImageSource, runtime: Runtime | None = None,
             batch_size: int = 50, progress: str | None = None) -> Logits:
     """`model`'s logits over `images` (eval transform) on `runtime`'s device (default: the CPU,
     fp32)."""
-    runtime = runtime or Runtime(torch.device("cpu"))
+    runtime = runtime or Runtime.cpu()
     was = model.training
     net = runtime.module(model).eval()
     out, ys = [], []

@@ -78,7 +78,7 @@ def finetune(
                  "kept": "raw", "resumed_from_epoch": 0}
     if cfg.epochs <= 0:
         return rec
-    runtime = runtime or Runtime(torch.device("cpu"))
+    runtime = runtime or Runtime.cpu()
     n = len(images)
     bs = max(1, min(cfg.batch_size, n))
     steps_per_epoch = math.ceil(n / bs)

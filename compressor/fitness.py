@@ -14,6 +14,7 @@ from torch import nn
 from .data import ImageSource
 from .recipe import DataCfg, FitnessCfg
 from .runtime import Runtime
+from .search import min_latency
 from .split import TEACHER, Split
 
 __all__ = ["Fitness", "fitness", "task_loss", "Prefiltered", "prefilter", "donnav2_filter"]
@@ -74,7 +75,7 @@ def fitness(
     device (default: the CPU, fp32), over `images` through the eval transform."""
     from tqdm import tqdm
 
-    runtime = runtime or Runtime(torch.device("cpu"))
+    runtime = runtime or Runtime.cpu()
     stem = runtime.module(split.stem).eval()
     layers = [runtime.module(layer.module).eval() for layer in split.layers]
     head = runtime.module(split.head).eval()
@@ -131,7 +132,8 @@ class Prefiltered:
 
 
 def prefilter(fit: Fitness, b: list[dict[str, float]], distill_loss, cfg: FitnessCfg,
-              budget_ms: float, candidates: int, failed: int) -> Prefiltered:
+              budget_ms: float, candidates: int, failed: int,
+              untrained_slower: int = 0) -> Prefiltered:
     """HANT's prefilter: drop ops slower than the teacher's layer or losing more than
     `max_accuracy_drop` points, and with ``donnav2_filter`` DONNAv2's dominance filter. The
     accuracy part is skipped (and reported) if it would leave no architecture within
@@ -141,10 +143,13 @@ def prefilter(fit: Fitness, b: list[dict[str, float]], distill_loss, cfg: Fitnes
         b: the latencies (ms) of every op.
         distill_loss: (layer, op) -> distillation loss, for DONNAv2's filter.
         candidates, failed: how many ops there were and how many failed to distil (report).
+        untrained_slower: ops the latency filter kept from distillation (not in `fit`, but
+            removed by the same filter: counted with it in the report).
     """
     by_latency = [{op: a for op, a in fit.a[i].items() if b[i][op] <= b[i][TEACHER]}
                   for i in range(len(fit.a))]
-    slower = sum(len(fit.a[i]) - len(by_latency[i]) for i in range(len(fit.a)))
+    slower = untrained_slower + sum(len(fit.a[i]) - len(by_latency[i])
+                                    for i in range(len(fit.a)))
     dominated = 0
     if cfg.donnav2_filter:
         by_latency, dominated = donnav2_filter(by_latency, b, distill_loss)
@@ -160,8 +165,7 @@ def prefilter(fit: Fitness, b: list[dict[str, float]], distill_loss, cfg: Fitnes
         "accuracy_filter_applied": True,
     }
     keep, notes = by_acc, []
-    fastest = sum(min(b[i][op] for op in layer) for i, layer in enumerate(by_acc))
-    if fastest > budget_ms:
+    if min_latency([{op: b[i][op] for op in layer} for i, layer in enumerate(by_acc)]) > budget_ms:
         keep = by_latency
         info.update(accuracy_filter_applied=False, removed_accuracy_drop=0)
         notes.append(f"accuracy prefilter (>{limit} points) skipped: it would leave no "

@@ -17,6 +17,7 @@ import latency_luts
 import ops_pool
 from latency_luts import LUT, Target
 
+from .search import min_latency
 from .split import TEACHER, Split, format_shape
 from .store import Store
 
@@ -264,7 +265,7 @@ class Latencies:
     @property
     def min_ms(self) -> float:
         """The fastest student the pool allows (every layer on its fastest op)."""
-        return self.fixed_ms + sum(min(layer.values()) for layer in self.b)
+        return self.fixed_ms + min_latency(self.b)
 
     def budget(self, speedup: float) -> float:
         """The layers' share of `speedup` x the teacher's latency."""
@@ -308,7 +309,6 @@ class Measurer:
         self.lut, self.input_size, self.teacher = lut, tuple(input_size), teacher
         self.here = can_measure(lut, lut_path)
         self._teacher_ms: float | None = None
-        self.count = 0  # students measured
 
     def teacher_ms(self) -> float | None:
         if self.here and self._teacher_ms is None:
@@ -318,5 +318,4 @@ class Measurer:
     def student_ms(self, model: nn.Module) -> float | None:
         if not self.here:
             return None
-        self.count += 1
         return measure_model(model, self.input_size, self.lut.target).ms

@@ -8,6 +8,7 @@ under a key of what it depends on, so a second run reuses it and an interrupted 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,33 +135,42 @@ def search_step(run: RunInputs, lat: Latencies, pool: Pool, fit: Fitness) -> Sel
     return sel
 
 
+def _trained(run: RunInputs, phase: str, path: Path, model: nn.Module,
+             train: Callable[[], dict]) -> Student:
+    """`model` with the weights cached at `path`, else trained in place by `train` (which
+    returns its record) and saved there: the re-distill and finetune steps."""
+    record: dict = {}
+
+    def compute() -> nn.Module:
+        record.update(train())
+        return model
+
+    def load(p: Path) -> nn.Module:
+        model.load_state_dict(run.store.load_tensors(p))
+        return model
+
+    with run.phase(phase) as rec:
+        _, rec["cached"] = cached(path, compute,
+                                  lambda m, p: run.store.save_tensors(p, m.state_dict()), load)
+        rec.update(record)
+    return Student(model.eval(), record)
+
+
 def redistill_step(run: RunInputs, pool: Pool, choices: list[str]) -> Student:
     """The chosen architecture with its distilled weights, its replaced ops refitted in
     network order on its own inputs (recipe ``redistill``; 0 epochs: as distilled)."""
     cfg = run.recipe.redistill
-    key = digest(pool.root.name, list(choices), cfg.__dict__, run.data_fp["distill"],
-                 run.train_cfg if cfg.augment else None)
     student = pool.assemble(list(choices))
     if cfg.epochs <= 0:
         return Student(student, {"key": "", "epochs": 0})
+    key = digest(pool.root.name, list(choices), cfg.__dict__, run.data_fp["distill"],
+                 run.train_cfg if cfg.augment else None)
     path = run.store.path(run.teacher_key, "redistill", f"{key}.safetensors")
-    record: dict = {"key": key}
-
-    def compute() -> nn.Module:
-        record.update(redistill(student, run.split, run.parts["distill"], cfg,
-                                runtime=run.runtime, seed=run.recipe.data.seed,
-                                progress=run.progress))
-        return student
-
-    def load(p: Path) -> nn.Module:
-        student.load_state_dict(run.store.load_tensors(p))
-        return student
-
-    with run.phase("redistill") as rec:
-        model, rec["cached"] = cached(
-            path, compute, lambda m, p: run.store.save_tensors(p, m.state_dict()), load)
-        rec.update({k: v for k, v in record.items() if k != "key"})
-    return Student(model.eval(), record)
+    out = _trained(run, "redistill", path, student, lambda: redistill(
+        student, run.split, run.parts["distill"], cfg, runtime=run.runtime,
+        seed=run.recipe.data.seed, progress=run.progress))
+    out.record["key"] = key  # joins the finetune's key
+    return out
 
 
 def finetune_step(run: RunInputs, pool: Pool, choices: list[str],
@@ -174,27 +184,14 @@ def finetune_step(run: RunInputs, pool: Pool, choices: list[str],
                  *([start.record["key"]] if start is not None and start.record.get("key")
                    else []))
     path = run.store.path(run.teacher_key, "finetune", f"{key}.safetensors")
+    checkpoint = path.with_suffix(".ckpt")
     student = start.model if start is not None else pool.assemble(list(choices))
-    record: dict = {}
-
-    def compute() -> nn.Module:
-        record.update(finetune(student, run.teacher, run.parts["distill"], cfg, run.progress,
-                               seed=run.recipe.data.seed, val=run.parts["search"],
-                               runtime=run.runtime, checkpoint=path.with_suffix(".ckpt")))
-        return student
-
-    def save(model: nn.Module, p: Path) -> None:
-        run.store.save_tensors(p, model.state_dict())
-        p.with_suffix(".ckpt").unlink(missing_ok=True)
-
-    def load(p: Path) -> nn.Module:
-        student.load_state_dict(run.store.load_tensors(p))
-        return student
-
-    with run.phase("finetune") as rec:
-        model, rec["cached"] = cached(path, compute, save, load)
-        rec.update(record)
-    return Student(model.eval(), record)
+    out = _trained(run, "finetune", path, student, lambda: finetune(
+        student, run.teacher, run.parts["distill"], cfg, run.progress,
+        seed=run.recipe.data.seed, val=run.parts["search"], runtime=run.runtime,
+        checkpoint=checkpoint))
+    checkpoint.unlink(missing_ok=True)  # the finished weights are saved
+    return out
 
 
 def evaluate_step(run: RunInputs, student: nn.Module) -> dict[str, dict]:

@@ -56,10 +56,6 @@ class Pool:
         weights = {i: self.weights(i, op) for i, op in enumerate(choices) if op != TEACHER}
         return self.split.assemble(list(choices), weights=weights)
 
-    def to_dict(self) -> dict:
-        return {"root": str(self.root), "ops": len(self.results),
-                "skipped_slower_than_teacher": self.skipped_slower, "failed": len(self.failed)}
-
 
 def distill_pool(split: Split, candidates: dict[int, list[str]], images: ImageSource,
                  cfg: DistillCfg, store: Store, root: Path, *,

@@ -56,10 +56,14 @@ class Runtime:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    @property
+    def amp_name(self) -> str | None:
+        """``float16`` / ``bfloat16``, or None for fp32."""
+        return str(self.amp).replace("torch.", "") if self.amp else None
+
     def to_dict(self) -> dict:
-        return {"device": str(self.device), "amp": str(self.amp).replace("torch.", "")
-                if self.amp else None, "channels_last": self.channels_last,
-                "loader_workers": self.loader_workers}
+        return {"device": str(self.device), "amp": self.amp_name,
+                "channels_last": self.channels_last, "loader_workers": self.loader_workers}
 
 
 def resolve_runtime(cfg: RuntimeCfg) -> Runtime:

@@ -108,15 +108,16 @@ def select_architecture(
     runtime = runtime or Runtime.cpu()
     speedup = speedups[0]
     budget = lat.budget(speedup)
-    pre = prefilter(fit, lat.b, pool.loss, fitness_cfg, budget, candidates, len(pool.failed))
+    pre = prefilter(fit, lat.b, pool.loss, fitness_cfg, budget, candidates, len(pool.failed),
+                    untrained_slower=pool.skipped_slower)
     for note in pre.notes:
         _logger.warning(note)
     notes = list(pre.notes)
     a = pre.a
     b = [{op: lat.b[i][op] for op in layer} for i, layer in enumerate(a)]
     t_logits = predict(teacher, cand, runtime)
-    rank = _Ranker(pool, lat, cfg, cand, t_logits, runtime, seed,
-                   _latency_in_loop(cfg, measurer, pool, lat, notes))
+    in_loop = _latency_in_loop(cfg, measurer, pool, lat, notes)
+    rank = _Ranker(pool, lat, cfg, cand, t_logits, runtime, seed, in_loop)
     t_meas = measurer.teacher_ms()
     rounds, best = [], None
     for _ in range(max(1, cfg.verify_rounds)):
@@ -140,9 +141,7 @@ def select_architecture(
                          "tightened further")
             break
         _logger.info("measured speedup %.3f misses %.3f; tightening the budget", got, speedup)
-    measured_in_loop = (measurer.count - len(rounds)
-                        if cfg.method == "nsga2" and cfg.hardware_in_loop and measurer.here
-                        else None)
+    measured_in_loop = in_loop.calls if in_loop is not None and cfg.method == "nsga2" else None
     front = (_front(rank, a, b, lat, speedups, rounds[-1], t_logits)
              if len(speedups) > 1 else None)
     return Selection(best, rounds, pre.info, cfg.method, t_meas, front, measured_in_loop,
@@ -150,7 +149,7 @@ def select_architecture(
 
 
 def _latency_in_loop(cfg: SearchCfg, measurer: Measurer, pool: Pool, lat: Latencies,
-                     notes: list[str]):
+                     notes: list[str]) -> _InLoop | None:
     """DONNA's hardware in the loop for NSGA-II: each architecture's latency measured end to
     end on the target (less the LUT's stem and head, to stay on the layers' scale of the
     budget), when the recipe asks for it and the target's hardware is here; else None (the LUT
@@ -161,11 +160,18 @@ def _latency_in_loop(cfg: SearchCfg, measurer: Measurer, pool: Pool, lat: Latenc
         notes.append("search.hardware_in_loop: the target's hardware is not here, so NSGA-II "
                      "used the LUT's latencies")
         return None
+    return _InLoop(measurer, pool, lat.fixed_ms)
 
-    def measured(choices: list[str]) -> float:
-        return measurer.student_ms(pool.assemble(choices)) - lat.fixed_ms
 
-    return measured
+class _InLoop:
+    """An architecture's measured latency less the stem and head; counts its measurements."""
+
+    def __init__(self, measurer: Measurer, pool: Pool, fixed_ms: float):
+        self.measurer, self.pool, self.fixed_ms, self.calls = measurer, pool, fixed_ms, 0
+
+    def __call__(self, choices: list[str]) -> float:
+        self.calls += 1
+        return self.measurer.student_ms(self.pool.assemble(choices)) - self.fixed_ms
 
 
 def _front(rank: _Ranker, a, b, lat: Latencies, speedups: list[float], final: dict,
