@@ -96,15 +96,12 @@ def _run_options(fn):
 def _make_run(model, data, target, lut, speedup, search_method, distill_loss, checkpoint, recipe,
               work_dir, val_data, k, device, random_init, quiet):
     from .inputs import prepare
-    from .recipe import list_recipes, load_recipe
+    from .recipe import default_recipe_name, load_recipe
 
     if not _rank_zero():
         quiet = True  # under torchrun, rank 0 shows progress and messages for all
     _setup_logging(quiet)
-    if recipe is None:
-        named = f"{model}-{target or 'cpu'}"
-        recipe = named if named in list_recipes() else "default"
-    recipe = load_recipe(recipe)
+    recipe = load_recipe(recipe or default_recipe_name(model, target))
     recipe = recipe.override("search", method=search_method)  # None values are ignored
     recipe = recipe.override("distill", loss=distill_loss)
     if device is not None:

@@ -34,6 +34,7 @@ becomes NaN or infinite is marked failed with the reason, and the others go on.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import math
@@ -48,6 +49,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import ops_pool
 
 from . import _parallel
 from ._errors import DistillError
@@ -70,6 +73,9 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 _MIB = 1 << 20
 _RNG_LOCK = threading.Lock()  # ops are built from the global generator, one at a time
+# joins the distillation artifacts' key: raised when the code changes what the same settings
+# train (2: ops start from the teacher's weights, ops_pool.inherit)
+ENGINE_VERSION = 2
 
 
 @dataclass
@@ -79,10 +85,11 @@ class OpResult:
     loss: float
     status: str = "ok"  # ok | failed
     reason: str = ""
+    init_loss: float = float("nan")  # the loss of the first step, before any update
+    inherited: str = ""  # what the op took from the teacher layer (ops_pool.inherit), or ""
 
     def to_dict(self) -> dict:
-        return {"layer": self.layer, "op": self.op, "loss": self.loss, "status": self.status,
-                "reason": self.reason}
+        return dataclasses.asdict(self)
 
 
 def _files(root: Path, layer: int, op: str) -> tuple[Path, Path]:
@@ -541,22 +548,60 @@ class _OpTrainer:
         with _RNG_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.module = split.build_op(layer, op)
+        # starts from the teacher layer's weights (ops_pool.inherit), kernels aligned to the
+        # teacher's taps or centred; the first batch picks the closest of these and the own init
+        self.starts: list[tuple[str, nn.Module]] = []
+        if ctx.cfg.inherit and op != TEACHER:
+            t = split.layers[layer]
+            for align in (True, False):
+                m = copy.deepcopy(self.module)
+                what = ops_pool.inherit(m, t.module, t.in_shape, align=align)
+                if what and not any(_same_weights(m, other) for _, other in self.starts):
+                    self.starts.append((what, m.to(ctx.device).train()))
+        self.inherited = ""
         # one worker: anything random inside the op (dropout) draws from a stream of its own
         # (with several, the threads share the global generator)
         self.reseed = ctx.workers.n == 1
         self.module = self.module.to(ctx.device).train()
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        self.opt = _optimizer(ctx.cfg, params) if params else None
-        self.scaler = (torch.amp.GradScaler("cuda") if ctx.amp == torch.float16 and self.opt
-                       else None)
         self.amp = ctx.amp
+        self._make_optimizer()
         self.failed = ""
         self.sum, self.count, self.steps = 0.0, 0, 0
+        self.init_loss = float("nan")
+
+    def _make_optimizer(self) -> None:
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.opt = _optimizer(self.cfg, params) if params else None
+        self.scaler = (torch.amp.GradScaler("cuda") if self.amp == torch.float16 and self.opt
+                       else None)
+
+    @torch.no_grad()
+    def _choose_start(self, x: torch.Tensor, target: torch.Tensor, scale: float) -> None:
+        """Keep whichever start (own init, inherited ones) has the lowest loss on this batch,
+        measured as training sees it (train mode); the norm statistics are left as they were."""
+        options = [("", self.module), *self.starts]
+        losses = []
+        for _, m in options:
+            buffers = {k: b.clone() for k, b in m.named_buffers()}
+            with torch.autocast(x.device.type, dtype=self.amp or torch.float16,
+                                enabled=self.amp is not None):
+                out = m(x)
+            loss = float(_loss(self.cfg.loss, out.float(), target.float(), scale))
+            losses.append(loss if math.isfinite(loss) else math.inf)
+            for k, b in m.named_buffers():
+                b.copy_(buffers[k])
+        best = min(range(len(options)), key=losses.__getitem__)
+        self.inherited, self.module = options[best]
+        self.starts = []
+        if best:
+            self._make_optimizer()
 
     def step(self, x: torch.Tensor, target: torch.Tensor, scale: float, epoch: int, batch: int,
              last: bool) -> None:
         if self.failed or not len(x):
             return
+        if self.steps == 0 and self.starts:
+            self._choose_start(x, target, scale)
         if self.reseed:
             torch.manual_seed((self.seed + self.steps) % 2**63)
         self.steps += 1
@@ -568,6 +613,8 @@ class _OpTrainer:
             self.failed = f"non-finite loss at epoch {epoch}, batch {batch}"
             _logger.warning("op %s on layer %d diverged: %s", self.op, self.layer, self.failed)
             return
+        if self.steps == 1:
+            self.init_loss = loss.item()
         if self.opt is not None:
             self.opt.zero_grad(set_to_none=True)
             if self.scaler is not None:
@@ -583,10 +630,12 @@ class _OpTrainer:
 
     def result(self) -> tuple[OpResult, dict[str, torch.Tensor]]:
         if self.failed:
-            res = OpResult(self.layer, self.op, float("nan"), "failed", self.failed)
+            res = OpResult(self.layer, self.op, float("nan"), "failed", self.failed,
+                           self.init_loss, self.inherited)
         else:
             loss = self.sum / self.count if self.count else float("nan")
-            res = OpResult(self.layer, self.op, loss)
+            res = OpResult(self.layer, self.op, loss, init_loss=self.init_loss,
+                           inherited=self.inherited)
         return res, self.module.state_dict()
 
 
@@ -629,6 +678,11 @@ def _train_group(split: Split, group, ctx: _Context,
             ctx.workers.map(partial(_step, acts, ctx, epoch, batch.number), trainers)
     for t in trainers:
         save(*t.result())
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sb = b.state_dict()
+    return all(torch.equal(v, sb[k]) for k, v in a.state_dict().items())
 
 
 def _step(acts: list[torch.Tensor], ctx: _Context, epoch: int, b: int, t: _OpTrainer) -> None:

@@ -61,6 +61,7 @@ def evaluate(student: Logits, teacher: Logits | None = None) -> dict:
     return out
 
 
-def mean_loss(student: Logits, teacher: Logits) -> float:
-    """Mean task loss: CE where labelled, else KL to the teacher's logits of the same images."""
-    return float(task_loss(student.logits, student.y, teacher.logits).mean())
+def mean_loss(student: Logits, teacher: Logits, kind: str = "kl") -> float:
+    """Mean task loss (:func:`task_loss`): KL to the teacher's logits of the same images, or
+    with ``ce`` cross-entropy where labelled."""
+    return float(task_loss(student.logits, student.y, teacher.logits, kind).mean())

@@ -1,6 +1,8 @@
 """Fitness a_ij (HANT section 3, "Target Hardware"): the change in the teacher's loss when op j
-alone replaces teacher layer i, measured on the search images. Cross-entropy where the images
-have labels, otherwise KL divergence to the teacher's predictions."""
+alone replaces teacher layer i, measured on the search images. The loss is the KL divergence to
+the teacher's predictions (``fitness.loss: kl``, the default: paired with the teacher, so less
+noisy on a few images than a label loss), or cross-entropy where the images have labels
+(``ce``)."""
 
 from __future__ import annotations
 
@@ -20,9 +22,16 @@ from .split import TEACHER, Split
 __all__ = ["Fitness", "fitness", "task_loss", "Prefiltered", "prefilter", "donnav2_filter"]
 
 
-def task_loss(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Per-image loss: CE to the label where there is one, else KL(teacher || model)."""
-    labelled = y >= 0
+LOSSES = ("kl", "ce")
+
+
+def task_loss(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor,
+              kind: str = "kl") -> torch.Tensor:
+    """Per-image loss: ``kl``: KL(teacher || model); ``ce``: CE to the label where there is
+    one, else KL."""
+    if kind not in LOSSES:
+        raise ValueError(f"the loss must be one of {', '.join(LOSSES)}, got {kind!r}")
+    labelled = (y >= 0) & (kind == "ce")
     ce = F.cross_entropy(logits, y.clamp(min=0), reduction="none")
     kl = F.kl_div(
         F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
@@ -70,9 +79,11 @@ def fitness(
     batch_size: int = DataCfg.batch_size,
     progress: bool = True,
     runtime: Runtime | None = None,
+    loss: str = FitnessCfg.loss,
 ) -> Fitness:
     """Score every distilled op (`ops[i][name]`) plugged alone into the teacher, on `runtime`'s
-    device (default: the CPU, fp32), over `images` through the eval transform."""
+    device (default: the CPU, fp32), over `images` through the eval transform, by the change
+    in `loss` (see :func:`task_loss`)."""
     from tqdm import tqdm
 
     runtime = runtime or Runtime.cpu()
@@ -95,7 +106,7 @@ def fitness(
                 acts.append(m(acts[-1]))
             t_logits = head(acts[-1]).float()
         n += len(y)
-        t_loss += float(task_loss(t_logits, y, t_logits).sum())
+        t_loss += float(task_loss(t_logits, y, t_logits, loss).sum())
         t_corr += float(_correct(t_logits, y, t_logits).sum())
         for i, layer_ops in ops.items():
             for name, m in layer_ops.items():
@@ -107,7 +118,7 @@ def fitness(
                     for layer in layers[i + 1 :]:
                         h = layer(h)
                     logits = head(h).float()
-                loss_sum[i][name] += float(task_loss(logits, y, t_logits).sum())
+                loss_sum[i][name] += float(task_loss(logits, y, t_logits, loss).sum())
                 corr_sum[i][name] += float(_correct(logits, y, t_logits).sum())
     bar.close()
     t_loss /= n

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .distill import ENGINE_VERSION
 from .evaluate import evaluate, predict
 from .finetune import finetune
 from .fitness import Fitness, fitness
@@ -90,7 +91,7 @@ def distill_step(run: RunInputs, lat: Latencies | None) -> Pool:
     trained (`compress` and `hant distill` both pass it, so both train the same ops)."""
     cfg = run.recipe.distill
     # keyed by what decides the weights, not by the schedule (group size, cache, device)
-    key = digest(cfg.result_dict(), run.data_fp["distill"], run.data_cfg,
+    key = digest(cfg.result_dict(), ENGINE_VERSION, run.data_fp["distill"], run.data_cfg,
                  run.train_cfg if cfg.augment else None, *divisor_key())
     with run.phase("distill") as rec:
         pool = distill_pool(run.split, run.candidates, run.parts["distill"], cfg, run.store,
@@ -104,13 +105,13 @@ def distill_step(run: RunInputs, lat: Latencies | None) -> Pool:
 def fitness_step(run: RunInputs, pool: Pool) -> Fitness:
     """a_ij: every distilled op alone in the teacher, scored on the search part."""
     ok = pool.ok(run.candidates)
-    path = run.store.path(run.teacher_key, "fitness",
-                          f"{digest(pool.root.name, run.data_fp['search'], ok)}.json")
+    key = digest(pool.root.name, run.data_fp["search"], ok, run.recipe.fitness.loss)
+    path = run.store.path(run.teacher_key, "fitness", f"{key}.json")
 
     def compute() -> Fitness:
         ops = {i: {op: pool.op(i, op) for op in names} for i, names in ok.items()}
         return fitness(run.split, ops, run.parts["search"], run.recipe.data.batch_size,
-                       run.progress, runtime=run.runtime)
+                       run.progress, runtime=run.runtime, loss=run.recipe.fitness.loss)
 
     with run.phase("fitness") as rec:
         fit, rec["cached"] = cached(path, compute, lambda f, p: f.save(run.store, p),

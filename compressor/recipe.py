@@ -22,6 +22,7 @@ __all__ = [
     "FinetuneCfg",
     "RedistillCfg",
     "RuntimeCfg",
+    "default_recipe_name",
     "load_recipe",
     "list_recipes",
 ]
@@ -65,6 +66,7 @@ class DistillCfg:
     batch_size: int = 16
     seed: int = 0  # each op's initialisation, the batch order and the views derive from it
     augment: bool = True  # train on augmented views (the teacher sees the same view)
+    inherit: bool = True  # start each op from the teacher layer's weights where they align
     # How and where ops train, not what they learn (left out of the artifact key; see
     # `result_dict`): every setting gives the same weights, within float rounding.
     group_size: int | str = "auto"  # ops per layer per teacher pass; auto: from free memory
@@ -84,6 +86,7 @@ class DistillCfg:
 
 @dataclass
 class FitnessCfg:
+    loss: str = "kl"  # kl: KL to the teacher's predictions; ce: cross-entropy where labelled
     max_accuracy_drop: float = 5.0
     donnav2_filter: bool = False  # per layer, drop ops dominated in distill loss and latency
 
@@ -203,6 +206,13 @@ def _read(name_or_path: str) -> tuple[str, dict]:
     return name, data
 
 
+def default_recipe_name(model: str, target: str | None) -> str:
+    """The shipped recipe for `model` on `target` (``MODEL-TARGET``) if there is one, else
+    ``default``: what ``compress`` uses without ``--recipe``."""
+    named = f"{model}-{target or 'cpu'}"
+    return named if named in list_recipes() else "default"
+
+
 def load_recipe(name_or_path: str = "default") -> Recipe:
     """Load a recipe by name (``recipes/NAME.yaml``) or path; ``base:`` chains to another."""
     name, data = _read(name_or_path)
@@ -241,6 +251,7 @@ def load_recipe(name_or_path: str = "default") -> Recipe:
 _CHOICES = {
     ("distill", "optimizer"): ("sgd", "adam"),
     ("distill", "loss"): ("mse", "nsr"),
+    ("fitness", "loss"): ("kl", "ce"),
     ("search", "method"): ("ip", "nsga2"),
 }
 

@@ -65,6 +65,7 @@ class _Ranker:
     runtime: Runtime
     seed: int
     latency_fn: object = None
+    loss_kind: str = "kl"
 
     def __call__(self, a, b, budget: float) -> tuple[list[Solution], list[float], float, int]:
         cfg = self.cfg
@@ -86,7 +87,7 @@ class _Ranker:
 
     def loss(self, choices) -> float:
         model = self.pool.assemble(list(choices)).eval()
-        return mean_loss(predict(model, self.cand, self.runtime), self.t_logits)
+        return mean_loss(predict(model, self.cand, self.runtime), self.t_logits, self.loss_kind)
 
 
 def select_architecture(
@@ -117,7 +118,7 @@ def select_architecture(
     b = [{op: lat.b[i][op] for op in layer} for i, layer in enumerate(a)]
     t_logits = predict(teacher, cand, runtime)
     in_loop = _latency_in_loop(cfg, measurer, pool, lat, notes)
-    rank = _Ranker(pool, lat, cfg, cand, t_logits, runtime, seed, in_loop)
+    rank = _Ranker(pool, lat, cfg, cand, t_logits, runtime, seed, in_loop, fitness_cfg.loss)
     t_meas = measurer.teacher_ms()
     rounds, best = [], None
     for _ in range(max(1, cfg.verify_rounds)):
@@ -193,5 +194,5 @@ def _front(rank: _Ranker, a, b, lat: Latencies, speedups: list[float], final: di
             continue
         points.append({"speedup_requested": sp, "latency_ms": lat.fixed_ms + sols[j].latency_ms,
                        "loss": losses[j], "choices": sols[j].choices})
-    teacher = {"latency_ms": lat.teacher_ms, "loss": mean_loss(t_logits, t_logits)}
+    teacher = {"latency_ms": lat.teacher_ms, "loss": mean_loss(t_logits, t_logits, rank.loss_kind)}
     return {"points": points, "teacher": teacher}

@@ -13,6 +13,7 @@ Example:
 
 from . import families
 from ._errors import OpShapeError, OpsPoolError, UnknownOpError
+from ._inherit import inherit
 from ._layers import Residual, SqueezeExcite
 from ._registry import (
     TEACHER,
@@ -49,6 +50,7 @@ __all__ = [
     "channel_divisor",
     "conv_stride",
     "families",
+    "inherit",
     "get_channel_divisor",
     "is_conv_shape",
     "is_registered",

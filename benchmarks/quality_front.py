@@ -1,0 +1,156 @@
+"""Accuracy kept at each speedup, against a block-dropping baseline at the same latency.
+
+    python benchmarks/quality_front.py --model tf_efficientnet_lite0 --speedups 0.8,0.65,0.5 --json
+    python benchmarks/quality_front.py --model tf_efficientnet_lite1 \
+        --versus tf_efficientnet_lite0 --json
+
+For each requested speedup it runs the pipeline (``compressor.pipeline``'s steps, the recipe the
+CLI would pick) on ``--data``, in one work dir, so the LUT, the distilled pool and the fitness
+table are computed once and shared by every speedup. In the same run, the baseline drops whole
+same-shape blocks (``compressor.baseline.drop_blocks``: identity, greedily by accuracy drop per
+millisecond saved) down to the student's predicted latency, then gets the same finetune. Both are
+measured end to end on the target and scored on the held-out part. One JSON line per speedup:
+
+    {"requested", "measured", "teacher_top1", "student_top1", "agreement", "baseline_top1",
+     "baseline_agreement", "baseline_measured", "baseline_reached", "eval_images", "seconds",
+     "data_seed", "choices", "baseline_choices"}
+
+``--seeds 0,1,2`` repeats the first speedup with other data seeds (other distill / search /
+held-out parts; everything is recomputed for each) for the spread.
+
+With ``--versus SMALLER`` the model is compressed to SMALLER's measured latency (the speedup is
+SMALLER's measured latency over the model's, on the same target), and SMALLER is scored on the
+same held-out images: the paper's headline comparison (a transformed larger model against the
+smaller one at equal latency). The held-out files are the same (the split depends on the files
+and the data seed only); each model sees them through its own eval transform (the lite family's
+input sizes differ: 224, 240, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from compressor.baseline import drop_blocks
+from compressor.evaluate import evaluate, predict
+from compressor.inputs import prepare
+from compressor.latency import Measurer
+from compressor.pipeline import (
+    distill_step,
+    evaluate_step,
+    finetune_step,
+    fitness_step,
+    lut_step,
+    redistill_step,
+    search_step,
+)
+from compressor.recipe import default_recipe_name, load_recipe
+from compressor.teacher import load_teacher
+
+__all__ = ["main", "run_speedup"]
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+
+
+def _recipe(model: str, target: str, name: str | None, seed: int):
+    recipe = load_recipe(name or default_recipe_name(model, target))
+    return recipe.override("data", seed=seed) if seed != recipe.data.seed else recipe
+
+
+def run_speedup(model: str, data: Path, target: str, speedup: float, work_dir: Path,
+                recipe: str | None = None, seed: int = 0) -> dict:
+    """One row: the pipeline's student and the block-dropping baseline at `speedup`."""
+    t0 = time.perf_counter()
+    run = prepare(model, data, target, speedup, recipe=_recipe(model, target, recipe, seed),
+                  work_dir=work_dir, progress=False)
+    lat = lut_step(run)
+    pool = distill_step(run, lat)
+    fit = fitness_step(run, pool)
+    sel = search_step(run, lat, pool, fit)
+    start = redistill_step(run, pool, sel.best.choices)
+    student = finetune_step(run, pool, sel.best.choices, start)
+    scores = evaluate_step(run, student.model)
+    t_ms = sel.teacher_measured_ms
+    measured = sel.measured_ms / t_ms if sel.measured_ms and t_ms else None
+
+    base = drop_blocks(lat, fit, lat.fixed_ms + sel.best.latency_ms)
+    b_student = finetune_step(run, pool, base.choices)
+    b_scores = evaluate_step(run, b_student.model)
+    measurer = Measurer(run.lut, run.lut_path, run.teacher, run.input_size)
+    b_ms = measurer.student_ms(pool.assemble(base.choices))
+    b_t_ms = measurer.teacher_ms()
+    return {
+        "requested": speedup,
+        "measured": measured,
+        "teacher_top1": scores["teacher"]["top1"],
+        "student_top1": scores["student"]["top1"],
+        "agreement": scores["student"].get("agreement"),
+        "baseline_top1": b_scores["student"]["top1"],
+        "baseline_agreement": b_scores["student"].get("agreement"),
+        "baseline_measured": b_ms / b_t_ms if b_ms and b_t_ms else None,
+        "baseline_reached": base.reached,
+        "eval_images": scores["student"]["images"],
+        "seconds": round(time.perf_counter() - t0, 1),
+        "data_seed": seed,
+        "choices": list(sel.best.choices),
+        "baseline_choices": base.choices,
+    }
+
+
+def run_versus(model: str, smaller: str, data: Path, target: str, work_dir: Path,
+               recipe: str | None = None) -> dict:
+    """`model` compressed to `smaller`'s measured latency, both scored on the same files."""
+    t0 = time.perf_counter()
+    small_run = prepare(smaller, data, target, 0.5, work_dir=work_dir, progress=False)
+    big_run = prepare(model, data, target, 0.5, work_dir=work_dir, progress=False)
+    m_small = Measurer(small_run.lut, small_run.lut_path, small_run.teacher,
+                       small_run.input_size).teacher_ms()
+    m_big = Measurer(big_run.lut, big_run.lut_path, big_run.teacher,
+                     big_run.input_size).teacher_ms()
+    if not (m_small and m_big):
+        raise SystemExit(f"--versus measures both models end to end; target {target!r}'s "
+                         "hardware is not here")
+    row = run_speedup(model, data, target, round(m_small / m_big, 3), work_dir, recipe)
+    # the smaller model on the same held-out files, through its own eval transform
+    small = evaluate(predict(small_run.teacher, small_run.parts["eval"], small_run.runtime))
+    return row | {"versus": smaller, "versus_top1": small["top1"],
+                  "versus_latency_ratio": m_small / m_big,
+                  "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tf_efficientnet_lite0")
+    ap.add_argument("--data", type=Path, default=SHARED)
+    ap.add_argument("--target", default="cpu")
+    ap.add_argument("--speedups", default="0.8,0.65,0.5")
+    ap.add_argument("--seeds", default="0", help="data seeds for the first speedup")
+    ap.add_argument("--recipe", default=None, help="default: what `compress` would pick")
+    ap.add_argument("--versus", default=None, metavar="SMALLER")
+    ap.add_argument("--work-dir", type=Path, default=Path("/tmp/hant-quality-front"))
+    ap.add_argument("--json", action="store_true", help="one JSON line per row")
+    args = ap.parse_args(argv)
+    load_teacher(args.model)  # fails early, one line, when the weights are missing
+    rows = []
+    if args.versus:
+        rows.append(run_versus(args.model, args.versus, args.data, args.target, args.work_dir,
+                               args.recipe))
+    else:
+        speedups = [float(s) for s in args.speedups.split(",")]
+        seeds = [int(s) for s in args.seeds.split(",")]
+        for i, sp in enumerate(speedups):
+            for seed in (seeds if i == 0 else seeds[:1]):
+                rows.append(run_speedup(args.model, args.data, args.target, sp, args.work_dir,
+                                        args.recipe, seed))
+                print(json.dumps(rows[-1]) if args.json else rows[-1], flush=True)
+        return 0
+    for row in rows:
+        print(json.dumps(row) if args.json else row, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

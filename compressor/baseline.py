@@ -1,0 +1,49 @@
+"""A simple baseline to measure HANT against: drop whole blocks.
+
+Layers whose input and output shapes match can be skipped (the ``identity`` op). The baseline
+drops them greedily, the cheapest first by accuracy lost per millisecond saved (the fitness
+table's accuracy drop, ties broken by its loss change), until the LUT predicts the budget; the
+result is then finetuned like any student. It needs no search and no new ops, so it shows what
+the rest of HANT adds at the same latency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .fitness import Fitness
+from .latency import Latencies
+from .split import TEACHER
+
+__all__ = ["BlockDrop", "drop_blocks"]
+
+IDENTITY = "identity"
+
+
+@dataclass
+class BlockDrop:
+    choices: list[str]  # "teacher" or "identity" per layer
+    predicted_ms: float  # LUT: stem, head and the layers kept
+    reached: bool  # whether the budget was met (dropping every droppable block may not)
+
+
+def drop_blocks(lat: Latencies, fit: Fitness, budget_ms: float) -> BlockDrop:
+    """Teacher layers replaced by ``identity``, greedily by accuracy drop per ms saved, until
+    the predicted latency is within `budget_ms` (the whole network's ms, stem and head
+    included, as ``lat.teacher_ms``)."""
+    n = len(lat.b)
+    choices = [TEACHER] * n
+    total = lat.fixed_ms + sum(lat.b[i][TEACHER] for i in range(n))
+
+    def cost(i: int) -> tuple[float, float]:
+        saved = max(lat.b[i][TEACHER] - lat.b[i][IDENTITY], 1e-9)
+        return fit.acc_drop[i][IDENTITY] / saved, fit.a[i][IDENTITY] / saved
+
+    droppable = [i for i in range(n) if IDENTITY in lat.b[i] and IDENTITY in fit.a[i]
+                 and lat.b[i][IDENTITY] < lat.b[i][TEACHER]]
+    for i in sorted(droppable, key=cost):
+        if total <= budget_ms:
+            break
+        choices[i] = IDENTITY
+        total -= lat.b[i][TEACHER] - lat.b[i][IDENTITY]
+    return BlockDrop(choices, total, total <= budget_ms)

@@ -1,0 +1,41 @@
+"""The block-dropping baseline: the cheapest blocks per millisecond go first, and it stops as
+soon as the budget is met (or says it could not be)."""
+
+from compressor.baseline import drop_blocks
+from compressor.fitness import Fitness
+from compressor.latency import Latencies
+
+
+def _tables():
+    # layer 0 cannot be dropped (no identity: shapes differ); layer 1 costs 4 points for 2 ms
+    # (2/ms); layer 2 costs 1 point for 1 ms (1/ms); layer 3 costs 0.5 points for 1 ms but
+    # loses more loss (tie-break irrelevant: 0.5/ms is cheapest)
+    b = [{"teacher": 3.0, "cb": 1.0}, {"teacher": 2.0, "identity": 0.0},
+         {"teacher": 1.0, "identity": 0.0}, {"teacher": 1.0, "identity": 0.0}]
+    fit = Fitness(1.0, 80.0, 10, a=[{"teacher": 0.0, "cb": 0.1}, {"teacher": 0.0, "identity": 0.4},
+                                    {"teacher": 0.0, "identity": 0.1},
+                                    {"teacher": 0.0, "identity": 0.3}],
+                  acc_drop=[{"teacher": 0.0, "cb": 1.0}, {"teacher": 0.0, "identity": 4.0},
+                            {"teacher": 0.0, "identity": 1.0},
+                            {"teacher": 0.0, "identity": 0.5}])
+    return Latencies(b, stem_ms=0.5, head_ms=0.5), fit
+
+
+def test_drops_the_cheapest_blocks_per_millisecond_until_the_budget():
+    lat, fit = _tables()  # teacher: 1 + 7 = 8 ms
+    one = drop_blocks(lat, fit, 7.0)
+    assert one.choices == ["teacher", "teacher", "teacher", "identity"]
+    assert one.predicted_ms == 7.0 and one.reached
+    two = drop_blocks(lat, fit, 6.0)
+    assert two.choices == ["teacher", "teacher", "identity", "identity"]
+    three = drop_blocks(lat, fit, 4.5)
+    assert three.choices == ["teacher", "identity", "identity", "identity"]
+    assert three.predicted_ms == 4.0 and three.reached
+
+
+def test_says_when_dropping_every_block_is_not_enough():
+    lat, fit = _tables()
+    out = drop_blocks(lat, fit, 3.0)
+    assert out.choices == ["teacher", "identity", "identity", "identity"]
+    assert not out.reached and out.predicted_ms == 4.0
+    assert drop_blocks(lat, fit, 100.0).choices == ["teacher"] * 4

@@ -1,0 +1,131 @@
+"""Ops that start from the teacher layer's weights (ops_pool.inherit): exact where the structure
+allows it, the most important channels where it is narrower, untouched where nothing aligns; and
+the distillation records what each op inherited and its loss before the first update."""
+
+import dataclasses
+
+import pytest
+import timm
+import torch
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+from torch import nn
+
+import compressor
+import ops_pool
+from compressor.data import Images
+from compressor.distill import distill
+from compressor.recipe import DistillCfg
+from compressor.store import Store
+
+
+def _randomise(m: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.Conv2d):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * 0.3)
+                if mod.bias is not None:
+                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
+            elif isinstance(mod, nn.BatchNorm2d):
+                n = mod.num_features
+                mod.weight.copy_(0.5 + torch.rand(n, generator=g))
+                mod.bias.copy_(torch.randn(n, generator=g) * 0.1)
+                mod.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                mod.running_var.copy_(0.5 + torch.rand(n, generator=g))
+    return m.eval()
+
+
+def _err(op: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        t = teacher(x)
+        return float((op.eval()(x) - t).pow(2).mean() / t.pow(2).mean())
+
+
+X16 = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+X32 = torch.randn(3, 32, 8, 8, generator=torch.Generator().manual_seed(2))
+
+
+def _ir(k=5, e=6, act=nn.SiLU, **kw):
+    return _randomise(InvertedResidual(16, 16, k, exp_ratio=e, act_layer=act, **kw))
+
+
+@pytest.mark.parametrize("name, teacher, what", [
+    ("efn_5x5_e6_se1.00", lambda: _ir(), "copy"),  # the same block
+    ("efn_5x5_e6_se1.00", lambda: _ir(k=3), "3x3->5x5"),  # larger kernel: zero-padded
+    ("efn_5x5_e6_se1.00", lambda: _ir(e=3), "48->96 ch"),  # wider: extra channels unused
+    ("efn_5x5_e6_se0.25", lambda: _ir(), "constant gate"),  # an SE the teacher lacks
+    ("cb_bottle_5x5_ex4.0", lambda: _ir(e=4, act=nn.ReLU), "dw->dense"),  # dw on the diagonal
+])
+def test_inheriting_keeps_the_teachers_function_where_the_structure_allows(name, teacher, what):
+    t = teacher()
+    op = ops_pool.build(name, (16, 8, 8), (16, 8, 8))
+    assert _err(op, t, X16) > 0.05  # its own init is far from the teacher
+    assert what in ops_pool.inherit(op, t)
+    assert _err(op, t, X16) < 1e-10
+
+
+def test_depthwise_separable_teacher_is_copied_into_an_e1_block():
+    t = _randomise(DepthwiseSeparableConv(32, 16, 3, act_layer=nn.SiLU))
+    op = ops_pool.build("efn_3x3_e1_se1.00", (32, 8, 8), (16, 8, 8))
+    assert ops_pool.inherit(op, t) == "copy"
+    assert _err(op, t, X32) < 1e-10
+
+
+def test_a_narrower_op_keeps_the_most_important_channels():
+    """Half of the teacher's hidden channels feed nothing (zero projection weights): an e3 op
+    that keeps the other half computes exactly the teacher's block; the wrong half would not."""
+    t = _ir(k=3)
+    with torch.no_grad():
+        dead = torch.arange(96) % 2 == 0
+        t.conv_pwl.weight[:, dead] = 0
+    op = ops_pool.build("efn_3x3_e3_se1.00", (16, 8, 8), (16, 8, 8))
+    assert ops_pool.inherit(op, t) == "96->48 ch"
+    assert _err(op, t, X16) < 1e-10
+    # a smaller kernel takes the centre: close to the teacher, not exact
+    op = ops_pool.build("efn_3x3_e6_se1.00", (16, 8, 8), (16, 8, 8))
+    t5 = _ir(k=5)
+    own = _err(op, t5, X16)
+    assert ops_pool.inherit(op, t5) == "5x5->3x3"
+    assert _err(op, t5, X16) < 0.75 * own  # random kernels: 9 of 25 taps carry a third
+
+
+@pytest.mark.parametrize("name, teacher", [
+    ("cb_stack_3x3_ex0.5", lambda: _ir()),  # two dense convs vs three: nothing aligns
+    ("efn_3x3_e1_se1.00", lambda: _ir()),  # no expand conv: the depthwise conv sees other inputs
+    ("efn_5x5_e6_se1.00", lambda: _ir(noskip=True)),  # the op adds a skip the teacher lacks
+    ("efn_5x5_e6_se1.00", lambda: _ir(se_layer=timm.layers.SqueezeExcite)),  # teacher's SE
+])
+def test_nothing_is_changed_when_the_structures_do_not_align(name, teacher):
+    t = teacher()
+    op = ops_pool.build(name, (16, 8, 8), (16, 8, 8))
+    before = {k: v.clone() for k, v in op.state_dict().items()}
+    assert ops_pool.inherit(op, t) == ""
+    assert all(torch.equal(before[k], v) for k, v in op.state_dict().items())
+
+
+def test_distillation_records_inheritance_and_the_loss_before_training(tmp_path):
+    """With inherit (the default) an op that can hold the teacher's block starts at a far lower
+    loss than the same op from its own init; the result says what it took."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet")
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    for m in model.modules():  # norm statistics of these images, as a trained teacher has
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        model.train()(x)
+    s = compressor.split(model.eval(), input_size=(3, 64, 64))
+    layer, name = 1, "efnv2_3x3_e6_se1.00"  # the teacher's fused block, wider: exact start
+    assert type(s.layers[layer].module).__name__ == "EdgeResidual"
+    images = Images(x, torch.full((8,), -1))
+    cands = {layer: [name]}
+    out = {}
+    for inherit in (True, False):
+        cfg = dataclasses.replace(DistillCfg(batch_size=4, lr=1e-4), inherit=inherit)
+        root = tmp_path / str(inherit)
+        out[inherit] = distill(s, cands, images, cfg, Store(root), root / "d",
+                               progress=False)[(layer, name)]
+    assert out[True].inherited == "64->96 ch" and out[False].inherited == ""
+    assert out[True].init_loss < 0.1 * out[False].init_loss
+    assert out[True].loss < out[False].loss
+    assert DistillCfg(inherit=True).result_dict() != DistillCfg(inherit=False).result_dict()
