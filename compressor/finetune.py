@@ -89,7 +89,8 @@ def finetune(
                                     **opt_args)
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+        decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate, step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch)
     ema = ModelEmaV3(net, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
     scaler = NativeScaler(device="cuda") if runtime.amp == torch.float16 else None
     use_ce = cfg.gamma_ce > 0 and images.labelled

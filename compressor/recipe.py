@@ -127,6 +127,8 @@ class FinetuneCfg:
     weight_decay: float = 1e-5
     sched: str = "cosine"
     warmup_epochs: int = 0
+    decay_epochs: float = 90  # sched step: decay the lr every this many epochs ...
+    decay_rate: float = 0.1  # ... by this factor
     gamma_ce: float = 1.0  # CE to the labels (only where every image has one)
     gamma_kl: float = 1.0  # KL to the teacher on the same augmented view
     kl_temperature: float = 1.0

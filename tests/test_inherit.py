@@ -129,3 +129,25 @@ def test_distillation_records_inheritance_and_the_loss_before_training(tmp_path)
     assert out[True].init_loss < 0.1 * out[False].init_loss
     assert out[True].loss < out[False].loss
     assert DistillCfg(inherit=True).result_dict() != DistillCfg(inherit=False).result_dict()
+
+
+def test_the_first_batch_keeps_the_closest_start(tmp_path):
+    """Every op starts at most as far from the teacher as its own init (the own init is one of
+    the starts compared on the first batch); what it inherited is recorded only when kept."""
+    torch.manual_seed(0)
+    s = compressor.split(timm.create_model("test_efficientnet").eval(), input_size=(3, 64, 64))
+    x = torch.randn(8, *s.input_size, generator=torch.Generator().manual_seed(3))
+    images = Images(x, torch.full((8,), -1))
+    cands = {1: ["efnv2_3x3_e3_se1.00", "efnv2_5x5_e6_se1.00", "cb_stack_3x3_ex0.5"],
+             3: ["efn_3x3_e3_se0.25", "efn_5x5_e6_se0.25", "efn_3x3_e1_se1.00"]}
+    res = {}
+    for inherit in (True, False):
+        cfg = dataclasses.replace(DistillCfg(batch_size=4, lr=1e-4), inherit=inherit)
+        root = tmp_path / str(inherit)
+        res[inherit] = distill(s, cands, images, cfg, Store(root), root / "d", progress=False)
+    for key, r in res[True].items():
+        assert r.init_loss <= res[False][key].init_loss + 1e-6, key
+        if r.inherited:
+            assert r.init_loss < res[False][key].init_loss, key
+    assert res[True][(3, "efn_3x3_e1_se1.00")].inherited == ""  # nothing aligns
+    assert any(r.inherited for r in res[True].values())

@@ -3,6 +3,18 @@ import pytest
 from compressor import RecipeError, list_recipes, load_recipe
 
 
+def test_every_shipped_recipe_loads_and_validates():
+    """The family recipes (the paper's hyperparameters) chain to default and pass the checks."""
+    names = list_recipes()
+    assert {"efficientnet-imagenet-gpu", "efficientnet_b4-imagenet-gpu",
+            "efficientnet_b6-imagenet-gpu", "efficientnet_lite-imagenet-gpu"} <= set(names)
+    for name in names:
+        load_recipe(name)
+    b4 = load_recipe("efficientnet_b4-imagenet-gpu")
+    assert (b4.distill.lr, b4.distill.batch_size, b4.finetune.lr) == (0.0005, 40, 0.04)
+    assert b4.finetune.epochs == 100 and b4.finetune.decay_rate == 0.97
+
+
 def test_shipped_recipes_load():
     assert {"default", "tf_efficientnet_lite0-cpu"} <= set(list_recipes())
     r = load_recipe("tf_efficientnet_lite0-cpu")
