@@ -63,20 +63,26 @@ def finetune(
     val: ImageSource | None = None,
     runtime: Runtime | None = None,
     checkpoint: Path | None = None,
+    teacher_features: nn.Module | None = None,
 ) -> dict:
     """Train `student` in place on `images`; returns what happened (epochs, steps, per-epoch
     training and search-part losses, which weights were kept, the epoch it resumed from).
 
     Args:
-        val: the search part: its loss is logged per epoch and picks EMA or raw weights.
+        val: the search part: its loss is logged per epoch; the weights kept at the end are the
+            epoch's (raw or EMA) with the lowest one, and ``cfg.patience`` stops on it.
         runtime: device and autocast (default: the CPU, fp32).
         checkpoint: a file for the per-epoch checkpoint (resumed from when present).
+        teacher_features: for ``cfg.feature_epochs``: a module whose ``forward_features(x)``
+            gives the teacher's features that the student's ``forward_features`` must match
+            (the input of the head: the last layer's output).
     """
     from tqdm import tqdm
 
     rec: dict = {"epochs": cfg.epochs, "steps": 0, "final_loss": None, "history": [],
-                 "kept": "raw", "resumed_from_epoch": 0}
-    if cfg.epochs <= 0:
+                 "kept": "raw", "kept_epoch": None, "resumed_from_epoch": 0,
+                 "feature_stage": None}
+    if cfg.epochs <= 0 and cfg.feature_epochs <= 0:
         return rec
     runtime = runtime or Runtime.cpu()
     n = len(images)
@@ -88,7 +94,8 @@ def finetune(
     optimizer = create_optimizer_v2(net, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     **opt_args)
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+        optimizer, sched=cfg.sched, num_epochs=max(cfg.epochs, 1),  # 0: feature stage only
+        warmup_epochs=cfg.warmup_epochs,
         decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate, step_on_epochs=False,
         updates_per_epoch=steps_per_epoch)
     ema = ModelEmaV3(net, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
@@ -103,9 +110,17 @@ def finetune(
     t_val = predict(teacher, val, runtime) if val is not None else None
 
     start = 0
+    best: dict = {"loss": math.inf}  # the epoch and weights (raw or EMA) with the lowest loss
     if checkpoint is not None and checkpoint.is_file():
-        start = _resume(checkpoint, net, optimizer, ema, scaler, rec)
+        start = _resume(checkpoint, net, optimizer, ema, scaler, rec, best)
         _logger.info("finetune: resuming after epoch %d from %s", start, checkpoint)
+    elif cfg.feature_epochs > 0:
+        if teacher_features is None:
+            raise ValueError("finetune.feature_epochs needs teacher_features")
+        rec["feature_stage"] = _feature_stage(net, runtime.module(teacher_features).eval(),
+                                              images, cfg, runtime, seed, progress)
+        if ema is not None:
+            ema = ModelEmaV3(net, decay=cfg.ema_decay, use_warmup=True)
     step = start * steps_per_epoch
     params = [p for p in net.parameters() if p.requires_grad]
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=step, desc="finetune",
@@ -168,31 +183,99 @@ def finetune(
                     _logger.info("finetune epoch %d/%d: train loss %.4f, search-part loss "
                                  "%.4f%s", epoch + 1, cfg.epochs, entry["train_loss"],
                                  entry["search_loss"], ema_loss)
+                    for which, m in (("raw", net), ("ema", ema.module if ema else None)):
+                        loss = entry.get("search_loss" if which == "raw" else "search_loss_ema")
+                        if m is not None and loss is not None and loss < best["loss"]:
+                            best.update(loss=loss, epoch=epoch + 1, which=which,
+                                        state={k: v.detach().cpu().clone()
+                                               for k, v in m.state_dict().items()})
                 rec["history"].append(entry)
                 if checkpoint is not None:
-                    _save(checkpoint, epoch + 1, net, optimizer, ema, scaler, rec)
+                    _save(checkpoint, epoch + 1, net, optimizer, ema, scaler, rec, best)
+                if (cfg.patience and "epoch" in best
+                        and epoch + 1 - best["epoch"] >= cfg.patience):
+                    _logger.info("finetune: no lower search-part loss for %d epochs; stopping "
+                                 "after epoch %d", cfg.patience, epoch + 1)
+                    rec["stopped_early_after_epoch"] = epoch + 1
+                    break
         finally:
             np.random.set_state(np_state)
             bar.close()
     last = rec["history"][-1] if rec["history"] else {}
-    keep = net
-    if ema is not None and "search_loss_ema" in last and last["search_loss_ema"] < last[
-            "search_loss"]:
-        keep, rec["kept"] = ema.module, "ema"
-    if keep is not student:
-        student.load_state_dict(keep.state_dict())  # copies across devices
+    if "state" in best:  # the lowest search-part loss of any epoch, raw or EMA
+        student.load_state_dict(best["state"])
+        rec["kept"], rec["kept_epoch"] = best["which"], best["epoch"]
+    elif net is not student:
+        student.load_state_dict(net.state_dict())  # copies across devices
     student.eval()
     rec.update(steps=step, final_loss=last.get("train_loss"))
     return rec
+
+
+def _feature_stage(net: nn.Module, t_feat: nn.Module, images: ImageSource, cfg: FinetuneCfg,
+                   runtime: Runtime, seed: int, progress: bool) -> dict:
+    """Before the finetune: the student's features (``forward_features``, the head's input)
+    matched to the teacher's on the same augmented views, by MSE over the teacher's mean
+    square; the head, classifier included, is not trained here."""
+    from tqdm import tqdm
+
+    n = len(images)
+    bs = max(1, min(cfg.batch_size, n))
+    body = [p for name, p in net.named_parameters()
+            if p.requires_grad and not name.startswith("head.")]
+    opt_args = {"momentum": cfg.momentum} if cfg.opt.lower() in ("sgd", "momentum") else {}
+    optimizer = create_optimizer_v2(body, opt=cfg.opt, lr=cfg.feature_lr or cfg.lr,
+                                    weight_decay=cfg.weight_decay, **opt_args)
+    steps = cfg.feature_epochs * math.ceil(n / bs)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.feature_epochs,
+                                       step_on_epochs=False,
+                                       updates_per_epoch=math.ceil(n / bs))
+    bar = tqdm(total=steps, desc="finetune features", disable=not progress)
+    history, step = [], 0
+    with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
+        for epoch in range(cfg.feature_epochs):
+            torch.manual_seed(seed * 1_000_003 + 500_009 + epoch)
+            net.train()
+            total, seen = 0.0, 0
+            order = _epoch_order(n, bs, seed + 7, epoch)
+            for batch in images.batches(order=order, train=cfg.augment, seed=seed + 7,
+                                        epoch=epoch):
+                x = runtime.input(batch.x)
+                with torch.no_grad(), runtime.autocast():
+                    target = t_feat.forward_features(x).float()
+                with runtime.autocast():
+                    out = net.forward_features(x).float()
+                loss = F.mse_loss(out, target) / target.pow(2).mean().clamp_min(1e-8)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"finetune feature loss became {float(loss)} at epoch {epoch}; lower "
+                        "finetune.feature_lr in the recipe")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_grad:
+                    dispatch_clip_grad(body, cfg.clip_grad)
+                optimizer.step()
+                step += 1
+                scheduler.step_update(num_updates=step)
+                total += loss.item() * len(x)
+                seen += len(x)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{total / max(seen, 1):.3f}")
+            history.append(total / max(seen, 1))
+    bar.close()
+    return {"epochs": cfg.feature_epochs, "train_loss": history}
 
 
 def _val_loss(model: nn.Module, val: ImageSource, t_val: Logits, runtime: Runtime) -> float:
     return mean_loss(predict(model, val, runtime), t_val)
 
 
-def _save(path: Path, epoch: int, net, optimizer, ema, scaler, rec: dict) -> None:
+def _save(path: Path, epoch: int, net, optimizer, ema, scaler, rec: dict, best: dict) -> None:
     state = {"epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-             "history": rec["history"]}
+             "history": rec["history"], "feature_stage": rec["feature_stage"]}
+    if "state" in best:
+        state["best"] = {"loss": best["loss"], "epoch": best["epoch"], "which": best["which"],
+                         "state": best["state"]}
     if ema is not None:
         state["ema"] = ema.state_dict()
     if scaler is not None:
@@ -200,7 +283,7 @@ def _save(path: Path, epoch: int, net, optimizer, ema, scaler, rec: dict) -> Non
     atomic_write(path, lambda p: torch.save(state, p))
 
 
-def _resume(path: Path, net, optimizer, ema, scaler, rec: dict) -> int:
+def _resume(path: Path, net, optimizer, ema, scaler, rec: dict, best: dict) -> int:
     from ._errors import ArtifactError
 
     try:
@@ -215,5 +298,8 @@ def _resume(path: Path, net, optimizer, ema, scaler, rec: dict) -> int:
         raise ArtifactError(f"finetune checkpoint {path} is unreadable ({e}); delete it to "
                             "start the finetune again") from e
     rec["history"] = list(state["history"])
+    rec["feature_stage"] = state.get("feature_stage")
+    if "best" in state:
+        best.update(state["best"])
     rec["resumed_from_epoch"] = int(state["epoch"])
     return int(state["epoch"])

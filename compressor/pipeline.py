@@ -24,6 +24,7 @@ from .latency import Latencies, Measurer, latency_table
 from .pool import Pool, distill_pool
 from .redistill import redistill
 from .selection import Selection, select_architecture
+from .split import TEACHER
 from .store import cached, digest
 
 __all__ = ["Result", "Student", "compress", "run_all", "lut_step", "distill_step", "fitness_step",
@@ -187,10 +188,11 @@ def finetune_step(run: RunInputs, pool: Pool, choices: list[str],
     path = run.store.path(run.teacher_key, "finetune", f"{key}.safetensors")
     checkpoint = path.with_suffix(".ckpt")
     student = start.model if start is not None else pool.assemble(list(choices))
+    features = (pool.assemble([TEACHER] * len(choices)) if cfg.feature_epochs > 0 else None)
     out = _trained(run, "finetune", path, student, lambda: finetune(
         student, run.teacher, run.parts["distill"], cfg, run.progress,
         seed=run.recipe.data.seed, val=run.parts["search"], runtime=run.runtime,
-        checkpoint=checkpoint))
+        checkpoint=checkpoint, teacher_features=features))
     checkpoint.unlink(missing_ok=True)  # the finished weights are saved
     return out
 
@@ -238,7 +240,7 @@ def build_report(run: RunInputs, lat: Latencies, pool: Pool, sel: Selection,
         "data": {k: len(v) for k, v in run.parts.items()} | {"skipped": len(skipped),
                                                              "skipped_files": skipped[:20]},
         "distill": {"failed_ops": pool.failed},
-        "search": {"rounds": sel.rounds},
+        "search": {"rounds": sel.rounds, "chosen_round": sel.chosen_round % len(sel.rounds)},
         "front": sel.front,
         "phases": run.phases,
         "notes": run.notes,

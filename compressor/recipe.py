@@ -138,6 +138,9 @@ class FinetuneCfg:
     label_smoothing: float = 0.0
     ema_decay: float = 0.998  # timm ModelEmaV3 with warm-up (0: no EMA)
     clip_grad: float | None = None  # gradient norm clip (None: off)
+    patience: int | None = None  # stop after this many epochs without a lower search loss
+    feature_epochs: int = 0  # first match the teacher's features (the head's input)
+    feature_lr: float | None = None  # the feature stage's lr (None: lr)
 
 
 _SECTIONS = {

@@ -22,6 +22,7 @@ from .pool import Pool
 from .recipe import FitnessCfg, SearchCfg
 from .runtime import Runtime
 from .search import Solution, kendall_tau, min_latency, solve
+from .split import TEACHER
 
 __all__ = ["Selection", "select_architecture"]
 
@@ -41,10 +42,11 @@ class Selection:
     front: dict | None = None
     measured_in_loop: int | None = None
     notes: list[str] = field(default_factory=list)
+    chosen_round: int = -1  # the round whose architecture is `best`
 
     @property
     def measured_ms(self) -> float | None:
-        return self.rounds[-1]["measured_ms"]
+        return self.rounds[self.chosen_round]["measured_ms"]
 
     def to_dict(self) -> dict:
         out = {"prefilter": self.prefilter, "rounds": len(self.rounds), "method": self.method}
@@ -120,33 +122,50 @@ def select_architecture(
     in_loop = _latency_in_loop(cfg, measurer, pool, lat, notes)
     rank = _Ranker(pool, lat, cfg, cand, t_logits, runtime, seed, in_loop, fitness_cfg.loss)
     t_meas = measurer.teacher_ms()
-    rounds, best = [], None
+    # Verify rounds: the best architecture measured end to end; a miss tightens the budget
+    # towards the measured ratio, and slack (faster than asked by more than the tolerance)
+    # loosens it, so the student uses the latency it was given. The architecture kept is the
+    # last one that met the request (else the last one measured).
+    rounds, picked, met = [], [], None
     for _ in range(max(1, cfg.verify_rounds)):
         sols, losses, tau, j = rank(a, b, budget)
-        best = sols[j]
-        measured = measurer.student_ms(pool.assemble(best.choices))
+        last = sols[j]
+        picked.append(last)
+        measured = measurer.student_ms(pool.assemble(last.choices))
         rounds.append({
             "budget_ms": budget, "solutions": [x.to_dict() for x in sols],
             "candidate_losses": losses, "best": j,
-            "predicted_ms": lat.fixed_ms + best.latency_ms,
+            "predicted_ms": lat.fixed_ms + last.latency_ms,
             "kendall_tau": None if math.isnan(tau) else tau, "measured_ms": measured,
         })
         if measured is None or t_meas is None:
             break
         got = measured / t_meas
         if got <= speedup + cfg.tolerance:
-            break
+            met = len(rounds) - 1
+            if got >= speedup - cfg.tolerance:
+                break
+            budget *= speedup / got  # slack: loosen towards the measured ratio
+            if budget >= sum(layer[TEACHER] for layer in lat.b):
+                break  # the teacher's own layers fit: nothing slower to choose
+            _logger.info("measured speedup %.3f is below %.3f; loosening the budget", got,
+                         speedup)
+            continue
+        if met is not None:
+            break  # loosened too far: keep the architecture that met the request
         budget *= speedup / got  # tighten towards the measured ratio
         if budget < min_latency(b):
             notes.append("measured speedup missed the request and the budget cannot be "
                          "tightened further")
             break
         _logger.info("measured speedup %.3f misses %.3f; tightening the budget", got, speedup)
+    chosen = met if met is not None else len(rounds) - 1
+    best = picked[chosen]
     measured_in_loop = in_loop.calls if in_loop is not None and cfg.method == "nsga2" else None
-    front = (_front(rank, a, b, lat, speedups, rounds[-1], t_logits)
+    front = (_front(rank, a, b, lat, speedups, rounds[chosen], t_logits)
              if len(speedups) > 1 else None)
     return Selection(best, rounds, pre.info, cfg.method, t_meas, front, measured_in_loop,
-                     notes)
+                     notes, chosen)
 
 
 def _latency_in_loop(cfg: SearchCfg, measurer: Measurer, pool: Pool, lat: Latencies,

@@ -62,9 +62,10 @@ def test_an_interrupted_finetune_resumes_at_its_epoch_with_the_same_result(setup
     ref = finetune(whole, teacher, part, CFG, progress=False, val=val,
                    checkpoint=tmp_path / "a.ckpt")
     assert [h["epoch"] for h in ref["history"]] == [1, 2]
-    assert ref["kept"] in ("ema", "raw")
-    last = ref["history"][-1]
-    assert ref["kept"] == ("ema" if last["search_loss_ema"] < last["search_loss"] else "raw")
+    # kept: the epoch and weights (raw or EMA) with the lowest search-part loss
+    losses = {(h["epoch"], w): h["search_loss" if w == "raw" else "search_loss_ema"]
+              for h in ref["history"] for w in ("raw", "ema")}
+    assert (ref["kept_epoch"], ref["kept"]) == min(losses, key=losses.get)
 
     save = finetune_mod._save
 
@@ -101,3 +102,60 @@ def test_no_epochs_leaves_the_student_alone(setup):
     rec = finetune(student, teacher, part, FinetuneCfg(epochs=0), progress=False)
     assert rec["steps"] == 0
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+def test_patience_stops_and_the_best_epoch_is_kept(setup, monkeypatch, tmp_path):
+    """Search-part losses that only rise after epoch 1: patience 1 stops after epoch 2 and the
+    student ends with epoch 1's weights (the EMA ones here, given a lower loss)."""
+    teacher, s, choices, part, val = setup
+    losses = iter([1.0, 0.9, 1.5, 1.6, 2.0, 2.1])  # raw, EMA per epoch
+    monkeypatch.setattr(finetune_mod, "_val_loss", lambda *a: next(losses))
+    kept = {}
+    real_save = finetune_mod._save
+
+    def save(path, epoch, net, optimizer, ema, scaler, rec, best):
+        if epoch == 1:
+            kept.update({k: v.clone() for k, v in ema.module.state_dict().items()})
+        real_save(path, epoch, net, optimizer, ema, scaler, rec, best)
+
+    monkeypatch.setattr(finetune_mod, "_save", save)
+    student = s.assemble(choices)
+    cfg = FinetuneCfg(epochs=4, batch_size=4, opt="adamw", lr=1e-3, ema_decay=0.9, patience=1)
+    rec = finetune(student, teacher, part, cfg, progress=False, val=val,
+                   checkpoint=tmp_path / "p.ckpt")
+    assert rec["stopped_early_after_epoch"] == 2 and len(rec["history"]) == 2
+    assert (rec["kept"], rec["kept_epoch"]) == ("ema", 1)
+    assert all(torch.equal(kept[k], v) for k, v in student.state_dict().items())
+
+
+def test_the_feature_stage_trains_the_body_towards_the_teachers_features(setup):
+    teacher, s, choices, part, val = setup
+    teacher = copy.deepcopy(teacher)
+    for m in teacher.modules():  # norm statistics of these images, as a trained teacher has
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        teacher.train()(torch.cat([b.x for b in part.batches(12)]))
+    s = compressor.split(teacher.eval(), input_size=(3, 48, 48))
+    student = s.assemble(["teacher"] * len(s.layers))
+    with torch.no_grad():  # the last layer knocked off the teacher's function
+        for p in student.layers[-1].parameters():
+            p.add_(0.3 * p.abs().mean() * torch.randn(p.shape, generator=torch.Generator()
+                                                      .manual_seed(p.numel())))
+    features = s.assemble(["teacher"] * len(s.layers)).eval()
+    head = copy.deepcopy(student.head.state_dict())
+    x = torch.cat([b.x for b in val.batches(4)])
+
+    def gap() -> float:
+        with torch.no_grad():
+            t = features.forward_features(x)
+            return float((student.eval().forward_features(x) - t).pow(2).mean() / t.pow(2).mean())
+
+    before = gap()
+    cfg = FinetuneCfg(epochs=0, batch_size=4, opt="adamw", lr=1e-3, feature_epochs=3)
+    with pytest.raises(ValueError, match="teacher_features"):
+        finetune(s.assemble(["teacher"] * len(s.layers)), teacher, part, cfg, progress=False)
+    rec = finetune(student, teacher, part, cfg, progress=False, teacher_features=features)
+    assert rec["feature_stage"]["epochs"] == 3 and len(rec["feature_stage"]["train_loss"]) == 3
+    assert all(torch.equal(head[k], v) for k, v in student.head.state_dict().items())
+    assert gap() < before

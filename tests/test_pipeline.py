@@ -400,3 +400,38 @@ def test_unreadable_files_are_counted_on_a_cached_rerun_too(run_result, tmp_path
     assert first["skipped"] == again["data"]["skipped"] == 1
     assert "broken.jpg" in again["data"]["skipped_files"][0]
     assert again["phases"]["fitness"]["cached"] and again["phases"]["finetune"]["cached"]
+
+
+@pytest.mark.parametrize("student_ms, chosen", [
+    ([4.0, 7.0], 0),  # slack (0.4 for 0.6): loosened; the looser one misses: the first is kept
+    ([4.0, 6.1], 1),  # loosened, and the second meets the request within the tolerance
+    ([7.0, 6.0], 1),  # a miss tightens; the second meets it
+])
+def test_verify_rounds_tighten_a_miss_and_loosen_slack(run_result, monkeypatch, student_ms,
+                                                       chosen):
+    from compressor.latency import Measurer
+
+    d = run_result
+    times = iter(student_ms)
+    budgets = []
+    real_rank = selection._Ranker.__call__
+
+    def rank(self, a, b, budget):
+        budgets.append(budget)
+        return real_rank(self, a, b, budget)
+
+    monkeypatch.setattr(selection._Ranker, "__call__", rank)
+    monkeypatch.setattr(Measurer, "teacher_ms", lambda self: 10.0)
+    monkeypatch.setattr(Measurer, "student_ms", lambda self, model: next(times))
+    recipe = d["kwargs"]["recipe"].override("search", verify_rounds=2)
+    run = compressor.prepare(d["teacher"], d["data"], "cpu", 0.6,
+                             **dict(d["kwargs"], recipe=recipe))
+    lat = pipeline.lut_step(run)
+    pool = pipeline.distill_step(run, lat)
+    sel = pipeline.search_step(run, lat, pool, pipeline.fitness_step(run, pool))
+    assert len(sel.rounds) == 2 and sel.chosen_round == chosen
+    assert sel.measured_ms == student_ms[chosen]
+    r = sel.rounds[chosen]
+    assert sel.best.choices == r["solutions"][r["best"]]["choices"]
+    first = student_ms[0] / 10.0
+    assert budgets[1] == pytest.approx(budgets[0] * 0.6 / first)  # towards the measured ratio
