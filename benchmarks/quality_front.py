@@ -4,7 +4,7 @@
     python benchmarks/quality_front.py --model tf_efficientnet_lite1 \
         --versus tf_efficientnet_lite0 --json
 
-For each requested speedup it runs the pipeline (``compressor.pipeline``'s steps, the recipe the
+For each requested speedup it runs the pipeline (``compressor.pipeline.run_steps``, the recipe the
 CLI would pick) on ``--data``, in one work dir, so the LUT, the distilled pool and the fitness
 table are computed once and shared by every speedup. In the same run, the baseline drops whole
 same-shape blocks (``compressor.baseline.drop_blocks``: identity, greedily by accuracy drop per
@@ -38,15 +38,7 @@ from compressor.baseline import drop_blocks
 from compressor.evaluate import evaluate, predict
 from compressor.inputs import prepare
 from compressor.latency import Measurer
-from compressor.pipeline import (
-    distill_step,
-    evaluate_step,
-    finetune_step,
-    fitness_step,
-    lut_step,
-    redistill_step,
-    search_step,
-)
+from compressor.pipeline import evaluate_step, finetune_step, run_steps
 from compressor.recipe import default_recipe_name, load_recipe
 from compressor.teacher import load_teacher
 
@@ -66,13 +58,8 @@ def run_speedup(model: str, data: Path, target: str, speedup: float, work_dir: P
     t0 = time.perf_counter()
     run = prepare(model, data, target, speedup, recipe=_recipe(model, target, recipe, seed),
                   work_dir=work_dir, progress=False)
-    lat = lut_step(run)
-    pool = distill_step(run, lat)
-    fit = fitness_step(run, pool)
-    sel = search_step(run, lat, pool, fit)
-    start = redistill_step(run, pool, sel.best.choices)
-    student = finetune_step(run, pool, sel.best.choices, start)
-    scores = evaluate_step(run, student.model)
+    st = run_steps(run)
+    lat, pool, fit, sel, scores = st.lat, st.pool, st.fit, st.sel, st.scores
     t_ms = sel.teacher_measured_ms
     measured = sel.measured_ms / t_ms if sel.measured_ms and t_ms else None
 

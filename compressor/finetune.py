@@ -90,15 +90,12 @@ def finetune(
     steps_per_epoch = math.ceil(n / bs)
     net = runtime.module(student).train()
     t_net = runtime.module(teacher).eval()
-    opt_args = {"momentum": cfg.momentum} if cfg.opt.lower() in ("sgd", "momentum") else {}
-    optimizer = create_optimizer_v2(net, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    **opt_args)
+    optimizer = _optimizer(net, cfg, cfg.lr)
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=max(cfg.epochs, 1),  # 0: feature stage only
         warmup_epochs=cfg.warmup_epochs,
         decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate, step_on_epochs=False,
         updates_per_epoch=steps_per_epoch)
-    ema = ModelEmaV3(net, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
     scaler = NativeScaler(device="cuda") if runtime.amp == torch.float16 else None
     use_ce = cfg.gamma_ce > 0 and images.labelled
     mixup = None
@@ -111,23 +108,22 @@ def finetune(
 
     start = 0
     best: dict = {"loss": math.inf}  # the epoch and weights (raw or EMA) with the lowest loss
-    if checkpoint is not None and checkpoint.is_file():
-        start = _resume(checkpoint, net, optimizer, ema, scaler, rec, best)
-        _logger.info("finetune: resuming after epoch %d from %s", start, checkpoint)
-    elif cfg.feature_epochs > 0:
+    resuming = checkpoint is not None and checkpoint.is_file()
+    if not resuming and cfg.feature_epochs > 0:  # a resumed finetune has it in its weights
         if teacher_features is None:
             raise ValueError("finetune.feature_epochs needs teacher_features")
         rec["feature_stage"] = _feature_stage(net, runtime.module(teacher_features).eval(),
                                               images, cfg, runtime, seed, progress)
-        if ema is not None:
-            ema = ModelEmaV3(net, decay=cfg.ema_decay, use_warmup=True)
+    ema = ModelEmaV3(net, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
+    if resuming:
+        start = _resume(checkpoint, net, optimizer, ema, scaler, rec, best)
+        _logger.info("finetune: resuming after epoch %d from %s", start, checkpoint)
     step = start * steps_per_epoch
     params = [p for p in net.parameters() if p.requires_grad]
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=step, desc="finetune",
                disable=not progress)
     np_state = np.random.get_state()
-    devices = [runtime.device] if runtime.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # the caller's streams do not move
+    with torch.random.fork_rng(devices=_rng_devices(runtime)):  # the caller's streams stay
         try:
             for epoch in range(start, cfg.epochs):
                 scheduler.step_update(num_updates=step)
@@ -183,10 +179,12 @@ def finetune(
                     _logger.info("finetune epoch %d/%d: train loss %.4f, search-part loss "
                                  "%.4f%s", epoch + 1, cfg.epochs, entry["train_loss"],
                                  entry["search_loss"], ema_loss)
-                    for which, m in (("raw", net), ("ema", ema.module if ema else None)):
-                        loss = entry.get("search_loss" if which == "raw" else "search_loss_ema")
-                        if m is not None and loss is not None and loss < best["loss"]:
-                            best.update(loss=loss, epoch=epoch + 1, which=which,
+                    weights = [("raw", net, "search_loss")]
+                    if ema is not None:
+                        weights.append(("ema", ema.module, "search_loss_ema"))
+                    for which, m, key in weights:
+                        if entry[key] < best["loss"]:
+                            best.update(loss=entry[key], epoch=epoch + 1, which=which,
                                         state={k: v.detach().cpu().clone()
                                                for k, v in m.state_dict().items()})
                 rec["history"].append(entry)
@@ -223,16 +221,14 @@ def _feature_stage(net: nn.Module, t_feat: nn.Module, images: ImageSource, cfg: 
     bs = max(1, min(cfg.batch_size, n))
     body = [p for name, p in net.named_parameters()
             if p.requires_grad and not name.startswith("head.")]
-    opt_args = {"momentum": cfg.momentum} if cfg.opt.lower() in ("sgd", "momentum") else {}
-    optimizer = create_optimizer_v2(body, opt=cfg.opt, lr=cfg.feature_lr or cfg.lr,
-                                    weight_decay=cfg.weight_decay, **opt_args)
-    steps = cfg.feature_epochs * math.ceil(n / bs)
+    optimizer = _optimizer(body, cfg, cfg.feature_lr or cfg.lr)
+    per_epoch = math.ceil(n / bs)
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.feature_epochs,
-                                       step_on_epochs=False,
-                                       updates_per_epoch=math.ceil(n / bs))
-    bar = tqdm(total=steps, desc="finetune features", disable=not progress)
+                                       step_on_epochs=False, updates_per_epoch=per_epoch)
+    bar = tqdm(total=cfg.feature_epochs * per_epoch, desc="finetune features",
+               disable=not progress)
     history, step = [], 0
-    with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=_rng_devices(runtime)):
         for epoch in range(cfg.feature_epochs):
             torch.manual_seed(seed * 1_000_003 + 500_009 + epoch)
             net.train()
@@ -266,6 +262,18 @@ def _feature_stage(net: nn.Module, t_feat: nn.Module, images: ImageSource, cfg: 
     return {"epochs": cfg.feature_epochs, "train_loss": history}
 
 
+def _optimizer(params, cfg: FinetuneCfg, lr: float) -> torch.optim.Optimizer:
+    """timm's optimizer factory with the recipe's settings (momentum for the SGD kinds)."""
+    opt_args = {"momentum": cfg.momentum} if cfg.opt.lower() in ("sgd", "momentum") else {}
+    return create_optimizer_v2(params, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
+                               **opt_args)
+
+
+def _rng_devices(runtime: Runtime) -> list[torch.device]:
+    """The devices whose random streams a training loop forks (the CUDA one, when used)."""
+    return [runtime.device] if runtime.device.type == "cuda" else []
+
+
 def _val_loss(model: nn.Module, val: ImageSource, t_val: Logits, runtime: Runtime) -> float:
     return mean_loss(predict(model, val, runtime), t_val)
 
@@ -274,8 +282,7 @@ def _save(path: Path, epoch: int, net, optimizer, ema, scaler, rec: dict, best: 
     state = {"epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
              "history": rec["history"], "feature_stage": rec["feature_stage"]}
     if "state" in best:
-        state["best"] = {"loss": best["loss"], "epoch": best["epoch"], "which": best["which"],
-                         "state": best["state"]}
+        state["best"] = best
     if ema is not None:
         state["ema"] = ema.state_dict()
     if scaler is not None:

@@ -27,8 +27,9 @@ from .selection import Selection, select_architecture
 from .split import TEACHER
 from .store import cached, digest
 
-__all__ = ["Result", "Student", "compress", "run_all", "lut_step", "distill_step", "fitness_step",
-           "search_step", "redistill_step", "finetune_step", "evaluate_step", "build_report"]
+__all__ = ["Result", "Steps", "Student", "compress", "run_all", "run_steps", "lut_step",
+           "distill_step", "fitness_step", "search_step", "redistill_step", "finetune_step",
+           "evaluate_step", "build_report"]
 
 _logger = logging.getLogger(__name__)
 
@@ -247,9 +248,21 @@ def build_report(run: RunInputs, lat: Latencies, pool: Pool, sel: Selection,
     }
 
 
-def run_all(run: RunInputs) -> Result:
+@dataclass
+class Steps:
+    """Every step's artifact of one run (what `run_all` reports; benchmarks reuse them)."""
+
+    lat: Latencies
+    pool: Pool
+    fit: Fitness
+    sel: Selection
+    student: Student
+    scores: dict[str, dict]
+
+
+def run_steps(run: RunInputs) -> Steps:
     """Every phase in order, from checked inputs (`prepare`) to the finetuned, evaluated
-    student and its report."""
+    student."""
     torch.manual_seed(run.recipe.data.seed)
     lat = lut_step(run)  # before training: an unreachable speedup fails in seconds
     pool = distill_step(run, lat)
@@ -257,9 +270,14 @@ def run_all(run: RunInputs) -> Result:
     sel = search_step(run, lat, pool, fit)
     start = redistill_step(run, pool, sel.best.choices)
     student = finetune_step(run, pool, sel.best.choices, start)
-    scores = evaluate_step(run, student.model)
-    report = build_report(run, lat, pool, sel, scores)
-    return Result(student.model, report, run.teacher_name, run.teacher_args, run.input_size)
+    return Steps(lat, pool, fit, sel, student, evaluate_step(run, student.model))
+
+
+def run_all(run: RunInputs) -> Result:
+    """`run_steps`, then the student with its report."""
+    st = run_steps(run)
+    report = build_report(run, st.lat, st.pool, st.sel, st.scores)
+    return Result(st.student.model, report, run.teacher_name, run.teacher_args, run.input_size)
 
 
 def compress(

@@ -22,7 +22,6 @@ from .pool import Pool
 from .recipe import FitnessCfg, SearchCfg
 from .runtime import Runtime
 from .search import Solution, kendall_tau, min_latency, solve
-from .split import TEACHER
 
 __all__ = ["Selection", "select_architecture"]
 
@@ -146,7 +145,7 @@ def select_architecture(
             if got >= speedup - cfg.tolerance:
                 break
             budget *= speedup / got  # slack: loosen towards the measured ratio
-            if budget >= sum(layer[TEACHER] for layer in lat.b):
+            if budget >= lat.budget(1.0):
                 break  # the teacher's own layers fit: nothing slower to choose
             _logger.info("measured speedup %.3f is below %.3f; loosening the budget", got,
                          speedup)
