@@ -8,7 +8,9 @@ For each requested speedup it runs the pipeline (``compressor.pipeline.run_steps
 CLI would pick) on ``--data``, in one work dir, so the LUT, the distilled pool and the fitness
 table are computed once and shared by every speedup. In the same run, the baseline drops whole
 same-shape blocks (``compressor.baseline.drop_blocks``: identity, greedily by accuracy drop per
-millisecond saved) down to the student's predicted latency, then gets the same finetune. Both are
+millisecond saved) down to the student's measured speedup (as a share of the teacher's LUT
+latency, so that both compare at equal measured latency as far as whole blocks allow), then
+gets the same finetune. Both are
 measured end to end on the target and scored on the held-out part. One JSON line per speedup:
 
     {"requested", "measured", "teacher_top1", "student_top1", "agreement", "baseline_top1",
@@ -63,7 +65,10 @@ def run_speedup(model: str, data: Path, target: str, speedup: float, work_dir: P
     t_ms = sel.teacher_measured_ms
     measured = sel.measured_ms / t_ms if sel.measured_ms and t_ms else None
 
-    base = drop_blocks(lat, fit, lat.fixed_ms + sel.best.latency_ms)
+    # the baseline drops blocks down to the student's *measured* speedup (in LUT terms), so the
+    # two compare at equal measured latency as far as whole blocks allow
+    goal = measured if measured else (lat.fixed_ms + sel.best.latency_ms) / lat.teacher_ms
+    base = drop_blocks(lat, fit, goal * lat.teacher_ms)
     b_student = finetune_step(run, pool, base.choices)
     b_scores = evaluate_step(run, b_student.model)
     measurer = Measurer(run.lut, run.lut_path, run.teacher, run.input_size)

@@ -30,6 +30,7 @@ from .data import ImageSource
 from .evaluate import Logits, mean_loss, predict
 from .recipe import FinetuneCfg
 from .runtime import Runtime
+from .split import TEACHER
 from .store import atomic_write
 
 __all__ = ["finetune", "kd_loss"]
@@ -212,10 +213,21 @@ def finetune(
 
 def _feature_stage(net: nn.Module, t_feat: nn.Module, images: ImageSource, cfg: FinetuneCfg,
                    runtime: Runtime, seed: int, progress: bool) -> dict:
-    """Before the finetune: the student's features (``forward_features``, the head's input)
-    matched to the teacher's on the same augmented views, by MSE over the teacher's mean
-    square; the head, classifier included, is not trained here."""
+    """Before the finetune: the student's features matched to the teacher's on the same
+    augmented views, by MSE over the teacher's mean square; the head, classifier included, is
+    not trained here. ``cfg.feature_match``: ``last`` matches ``forward_features`` (the head's
+    input); ``layers`` every layer's output from the first replaced layer on (the mean of the
+    normalised MSEs), which needs two `TransformedNet`-shaped modules (``stem``, ``layers``)."""
     from tqdm import tqdm
+
+    first = None  # last: forward_features only
+    if cfg.feature_match == "layers":
+        if not all(hasattr(m, "stem") and hasattr(m, "layers") for m in (net, t_feat)) or len(
+                net.layers) != len(t_feat.layers):
+            raise ValueError("finetune.feature_match: layers needs a student and teacher "
+                             "with the same layers (stem, layers); use last")
+        choices = getattr(net, "choices", None) or [None] * len(net.layers)
+        first = next((i for i, c in enumerate(choices) if c != TEACHER), 0)
 
     n = len(images)
     bs = max(1, min(cfg.batch_size, n))
@@ -238,10 +250,11 @@ def _feature_stage(net: nn.Module, t_feat: nn.Module, images: ImageSource, cfg: 
                                         epoch=epoch):
                 x = runtime.input(batch.x)
                 with torch.no_grad(), runtime.autocast():
-                    target = t_feat.forward_features(x).float()
+                    targets = _features(t_feat, x, first)
                 with runtime.autocast():
-                    out = net.forward_features(x).float()
-                loss = F.mse_loss(out, target) / target.pow(2).mean().clamp_min(1e-8)
+                    outs = _features(net, x, first)
+                loss = sum(F.mse_loss(o, t) / t.pow(2).mean().clamp_min(1e-8)
+                           for o, t in zip(outs, targets)) / len(targets)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"finetune feature loss became {float(loss)} at epoch {epoch}; lower "
@@ -260,6 +273,19 @@ def _feature_stage(net: nn.Module, t_feat: nn.Module, images: ImageSource, cfg: 
             history.append(total / max(seen, 1))
     bar.close()
     return {"epochs": cfg.feature_epochs, "train_loss": history}
+
+
+def _features(m: nn.Module, x: torch.Tensor, first: int | None) -> list[torch.Tensor]:
+    """``[m.forward_features(x)]`` (``first`` None), else the output of every layer of `m`
+    from layer ``first`` on (fp32)."""
+    if first is None:
+        return [m.forward_features(x).float()]
+    h, outs = m.stem(x), []
+    for i, op in enumerate(m.layers):
+        h = op(h)
+        if i >= first:
+            outs.append(h.float())
+    return outs
 
 
 def _optimizer(params, cfg: FinetuneCfg, lr: float) -> torch.optim.Optimizer:

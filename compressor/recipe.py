@@ -141,6 +141,7 @@ class FinetuneCfg:
     patience: int | None = None  # stop after this many epochs without a lower search loss
     feature_epochs: int = 0  # first match the teacher's features (the head's input)
     feature_lr: float | None = None  # the feature stage's lr (None: lr)
+    feature_match: str = "last"  # last: the head's input; layers: every layer's output
 
 
 _SECTIONS = {
@@ -258,6 +259,7 @@ _CHOICES = {
     ("distill", "loss"): ("mse", "nsr"),
     ("fitness", "loss"): ("kl", "ce"),
     ("search", "method"): ("ip", "nsga2"),
+    ("finetune", "feature_match"): ("last", "layers"),
 }
 
 

@@ -128,15 +128,22 @@ def test_patience_stops_and_the_best_epoch_is_kept(setup, monkeypatch, tmp_path)
     assert all(torch.equal(kept[k], v) for k, v in student.state_dict().items())
 
 
-def test_the_feature_stage_trains_the_body_towards_the_teachers_features(setup):
-    teacher, s, choices, part, val = setup
+def _calibrated(teacher, part):
+    """A copy of `teacher` with the norm statistics of these images, as a trained one has (the
+    feature stage trains in train mode, on batch statistics)."""
     teacher = copy.deepcopy(teacher)
-    for m in teacher.modules():  # norm statistics of these images, as a trained teacher has
+    for m in teacher.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None
     with torch.no_grad():
         teacher.train()(torch.cat([b.x for b in part.batches(12)]))
-    s = compressor.split(teacher.eval(), input_size=(3, 48, 48))
+    return teacher.eval()
+
+
+def test_the_feature_stage_trains_the_body_towards_the_teachers_features(setup):
+    teacher, s, choices, part, val = setup
+    teacher = _calibrated(teacher, part)
+    s = compressor.split(teacher, input_size=(3, 48, 48))
     student = s.assemble(["teacher"] * len(s.layers))
     with torch.no_grad():  # the last layer knocked off the teacher's function
         for p in student.layers[-1].parameters():
@@ -159,3 +166,47 @@ def test_the_feature_stage_trains_the_body_towards_the_teachers_features(setup):
     assert rec["feature_stage"]["epochs"] == 3 and len(rec["feature_stage"]["train_loss"]) == 3
     assert all(torch.equal(head[k], v) for k, v in student.head.state_dict().items())
     assert gap() < before
+
+
+def test_the_feature_stage_can_match_every_layer_from_the_first_replaced_one(setup):
+    teacher, s, choices, part, val = setup
+    teacher = _calibrated(teacher, part)
+    s = compressor.split(teacher, input_size=(3, 48, 48))
+    features = s.assemble(["teacher"] * len(s.layers)).eval()
+    student = s.assemble(choices)
+    first = choices.index("identity") if "identity" in choices else 0
+    x = torch.cat([b.x for b in val.batches(4)])
+    with torch.no_grad():
+        outs = finetune_mod._features(features, x, first)
+        assert len(outs) == len(s.layers) - first
+        torch.testing.assert_close(outs[-1], features.forward_features(x))
+    # a layer after the first replaced one, knocked off the teacher's function
+    k = len(s.layers) - 2
+    with torch.no_grad():
+        for p in student.layers[k].parameters():
+            p.add_(0.3 * p.abs().mean() * torch.randn(p.shape, generator=torch.Generator()
+                                                      .manual_seed(p.numel())))
+
+    def gap() -> float:  # at that layer's own output, which `last` would not target
+        with torch.no_grad():
+            t = finetune_mod._features(features, x, k)[0]
+            o = finetune_mod._features(student.eval(), x, k)[0]
+            return float((o - t).pow(2).mean() / t.pow(2).mean())
+
+    before = gap()
+    cfg = FinetuneCfg(epochs=0, batch_size=4, opt="adamw", lr=1e-3, feature_epochs=3,
+                      feature_match="layers")
+    with pytest.raises(ValueError, match="same layers"):
+        finetune(s.assemble(choices), teacher, part, cfg, progress=False,
+                 teacher_features=teacher)  # timm's model: no stem / layers
+    rec = finetune(student, teacher, part, cfg, progress=False, teacher_features=features)
+    assert len(rec["feature_stage"]["train_loss"]) == 3
+    assert gap() < before
+
+
+def test_feature_match_is_checked_in_recipes():
+    from compressor._errors import RecipeError
+    from compressor.recipe import Recipe, validate
+
+    with pytest.raises(RecipeError, match="feature_match"):
+        validate(Recipe().override("finetune", feature_match="every"), "t")

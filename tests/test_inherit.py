@@ -64,6 +64,19 @@ def test_inheriting_keeps_the_teachers_function_where_the_structure_allows(name,
     assert _err(op, t, X16) < 1e-10
 
 
+def test_a_lite_block_is_copied_exactly_only_by_the_relu6_family():
+    """EfficientNet-Lite's blocks use ReLU6: an ``efnlite`` op with the block's structure
+    computes its function exactly, a SiLU ``efn`` op with the same weights does not."""
+    t = _ir(act=nn.ReLU6)
+    lite = ops_pool.build("efnlite_5x5_e6", (16, 8, 8), (16, 8, 8))
+    assert ops_pool.inherit(lite, t) == "copy"
+    assert _err(lite, t, X16) < 1e-10
+    silu = ops_pool.build("efn_5x5_e6_se1.00", (16, 8, 8), (16, 8, 8))
+    assert ops_pool.inherit(silu, t) == "copy"
+    assert _err(silu, t, X16) > 1e-3
+    assert ops_pool.list_ops("efnlite_3x3_*") == [f"efnlite_3x3_e{e}" for e in (1, 2, 3, 4, 6)]
+
+
 def test_depthwise_separable_teacher_is_copied_into_an_e1_block():
     t = _randomise(DepthwiseSeparableConv(32, 16, 3, act_layer=nn.SiLU))
     op = ops_pool.build("efn_3x3_e1_se1.00", (32, 8, 8), (16, 8, 8))

@@ -7,6 +7,12 @@
   1x1 project + BN (EfficientNetV2's fused MBConv). For ``e1`` it is a single kxk conv
   (stride) ``C_in -> C_out`` + BN [+ SE].
 
+- ``efnlite_{k}x{k}_e{e}``: the MBConv above with ReLU6 in place of SiLU and no SE, as in
+  EfficientNet-Lite and MobileNetV2. A Lite teacher's block is one of these, so an op of this
+  family that keeps the block's structure inherits its exact function (see ``ops_pool.inherit``),
+  which a SiLU op cannot; expansions ``{1, 2, 3, 4, 6}`` give finer steps below a Lite block's
+  ``e6``.
+
 ``se1.00`` means no squeeze-excitation (HANT naming); otherwise the SE reduced width is
 ``round_channels(mid * s)`` (``C_out`` for ``efnv2 e1``). The paper's text lists
 ``se in {No, 0.04, 0.025}``; its selected architectures (figures 6 and 7) also use ``se0.25``,
@@ -26,6 +32,7 @@ __all__ = [
     "EFN_KERNELS",
     "EFN_EXPANSIONS",
     "EFN_SE_RATIOS",
+    "EFNLITE_EXPANSIONS",
     "efn_name",
     "build_efn",
     "build_efnv2",
@@ -34,6 +41,7 @@ __all__ = [
 EFN_KERNELS = (1, 3, 5)
 EFN_EXPANSIONS = (1, 3, 6)
 EFN_SE_RATIOS = ("1.00", "0.04", "0.025", "0.25")
+EFNLITE_EXPANSIONS = (1, 2, 3, 4, 6)
 
 
 def efn_name(k: int, e: int, se: str, family: str = "efn") -> str:
@@ -45,15 +53,16 @@ def _se(channels: int, se: str) -> list[nn.Module]:
     return [] if se == "1.00" else [SqueezeExcite(channels, round_channels(channels * float(se)))]
 
 
-def build_efn(in_shape, out_shape, *, k: int, e: int, se: str) -> nn.Module:
-    """MBConv: [1x1 expand], depthwise kxk, [SE], 1x1 project."""
+def build_efn(in_shape, out_shape, *, k: int, e: int, se: str,
+              act: type[nn.Module] = nn.SiLU) -> nn.Module:
+    """MBConv: [1x1 expand], depthwise kxk, [SE], 1x1 project; ``act`` after the first two."""
     c_in, c_out = in_shape[0], out_shape[0]
     stride = conv_stride(in_shape, out_shape)
     mid = c_in if e == 1 else round_channels(c_in * e)
     layers: list[nn.Module] = []
     if e != 1:
-        layers += conv_bn(c_in, mid, 1, act=nn.SiLU)
-    layers += conv_bn(mid, mid, k, stride=stride, groups=mid, act=nn.SiLU)
+        layers += conv_bn(c_in, mid, 1, act=act)
+    layers += conv_bn(mid, mid, k, stride=stride, groups=mid, act=act)
     layers += _se(mid, se)
     layers += conv_bn(mid, c_out, 1)
     return wrap_skip(nn.Sequential(*layers), in_shape, out_shape)
@@ -79,3 +88,9 @@ for _family, _build in (("efn", build_efn), ("efnv2", build_efnv2)):
                 register(efn_name(_k, _e, _se_ratio, _family), accepts=accepts_conv)(
                     partial(_build, k=_k, e=_e, se=_se_ratio)
                 )
+
+for _k in EFN_KERNELS:
+    for _e in EFNLITE_EXPANSIONS:
+        register(f"efnlite_{_k}x{_k}_e{_e}", accepts=accepts_conv)(
+            partial(build_efn, k=_k, e=_e, se="1.00", act=nn.ReLU6)
+        )
