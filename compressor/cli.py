@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -20,8 +21,9 @@ import latency_luts
 import ops_pool
 
 from ._errors import CompressorError
+from .report import format_report, headline, read_report, summary
 
-__all__ = ["compress_main", "hant"]
+__all__ = ["compress_main", "hant", "default_output"]
 
 _USER_ERRORS = (CompressorError, latency_luts.LutError, ops_pool.OpsPoolError)
 
@@ -120,48 +122,73 @@ def _rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _summary(report: dict) -> str:
-    t, s, sp = report["teacher"], report["student"], report["speedup"]
+_QUICKSTART = """Compress MODEL (a timm name) to SPEEDUP x its latency on TARGET.
 
-    from ._text import format_value as f
+\b
+Quickstart (offline, on this CPU):
+  pip install -e ".[dev]"
+  compress tf_efficientnet_lite0 --target cpu --speedup 0.5 \\
+    --data ../shared/data/imagenet-sample
+  hant report runs/tf_efficientnet_lite0-cpu-0.5
+\b
+then load it with stock timm:
+  import timm, compressor   # registers the architecture
+  model = timm.create_model("local-dir:runs/tf_efficientnet_lite0-cpu-0.5",
+                            pretrained=True)
+\b
+Publish with --push-to-hub ORG/NAME (token from HF_TOKEN or `hf auth login`);
+then anyone loads it with timm.create_model("hf-hub:ORG/NAME", pretrained=True).
+"""
 
-    return "\n".join([
-        f"teacher  top1 {f(t['top1'], '.1f')}%  latency predicted "
-        f"{f(t['latency_ms']['predicted'])} ms, measured {f(t['latency_ms']['measured'])} ms",
-        f"student  top1 {f(s['top1'], '.1f')}%  agreement {f(s['agreement'], '.1f')}%  "
-        f"latency predicted {f(s['latency_ms']['predicted'])} ms, measured "
-        f"{f(s['latency_ms']['measured'])} ms",
-        f"speedup  requested {sp['requested']}  predicted {f(sp['predicted'])}  measured "
-        f"{f(sp['measured'])}   (on {report['eval_images']} held-out images)",
-    ])
+
+def default_output(model: str, target: str, speedup: str) -> Path:
+    """``runs/MODEL-TARGET-SPEEDUP`` (a list of speedups joined by ``_``)."""
+    parts = [str(model), str(target), str(speedup).replace(",", "_").replace(" ", "")]
+    return Path("runs") / re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts))
 
 
-@click.command(name="compress", context_settings={"help_option_names": ["-h", "--help"]})
+def _check_push(push_to_hub: str | None, private: bool, revision: str | None) -> None:
+    """Before any work: a valid repo id, and --private / --revision only with it."""
+    from .publish import check_repo_id
+
+    if push_to_hub:
+        check_repo_id(push_to_hub)
+    elif private or revision:
+        raise CompressorError("--private and --revision go with --push-to-hub ORG/NAME")
+
+
+@click.command(name="compress", help=_QUICKSTART,
+               context_settings={"help_option_names": ["-h", "--help"]})
 @_run_options
-@click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
-              help="Folder to write the compressed model to.")
+@click.option("--output", "-o", default=None, type=click.Path(path_type=Path),
+              help="Folder to write the compressed model to [default: "
+                   "runs/MODEL-TARGET-SPEEDUP].")
 @click.option("--push-to-hub", default=None, metavar="ORG/NAME",
               help="Upload the written folder to the Hugging Face Hub (token from HF_TOKEN).")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+@click.option("--revision", default=None, metavar="BRANCH",
+              help="With --push-to-hub: commit to this branch (created when missing).")
 @click.option("--no-onnx", is_flag=True, help="Do not write onnx/model.onnx.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report's summary as JSON on the last line of stdout.")
 @_handle_errors
-def compress_main(output, push_to_hub, no_onnx, **opts):
-    """Compress MODEL (a timm name) to SPEEDUP x its latency on TARGET.
-
-    \b
-    Example:
-      compress tf_efficientnet_lite0 --target cpu --speedup 0.5 \\
-        --data ../shared/data/imagenet-sample --output runs/lite0-cpu-0.5
-    """
+def compress_main(output, push_to_hub, private, revision, no_onnx, as_json, **opts):
     from .pipeline import run_all
     from .publish import push_to_hub as push
 
-    result = run_all(_make_run(**opts))
-    out = result.save_pretrained(output, onnx=not no_onnx)
-    click.echo(_summary(result.report))
+    _check_push(push_to_hub, private, revision)
+    run = _make_run(**opts)
+    output = output or default_output(opts["model"], run.lut.target.name, opts["speedup"])
+    result = run_all(run)
+    out = result.save_pretrained(output, onnx=not no_onnx, repo_id=push_to_hub)
+    click.echo(headline(result.report))
     click.echo(f"wrote {out}")
+    url = None
     if push_to_hub:
-        url = push(out, push_to_hub)
+        url = push(out, push_to_hub, private=private, revision=revision)
         click.echo(f"uploaded to {url}")
+    if as_json:
+        click.echo(json.dumps(summary(result.report, out) | {"hub_commit": url}))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -305,7 +332,7 @@ def _phase_command(name: str, doc: str):
         start = pipeline.redistill_step(run, pool, sel.best.choices)
         student = pipeline.finetune_step(run, pool, sel.best.choices, start)
         scores = pipeline.evaluate_step(run, student.model)
-        click.echo(_summary(pipeline.build_report(run, lat, pool, sel, scores)))
+        click.echo(headline(pipeline.build_report(run, lat, pool, sel, scores)))
 
     return cmd
 
@@ -319,21 +346,33 @@ _phase_command("finetune", "Search, then finetune the best architecture and eval
 
 @hant.command("report")
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="The summary as one JSON line (report.json holds everything).")
 @_handle_errors
 def report_cmd(folder, as_json):
-    """Summarise the report.json of a compressed model folder."""
-    path = folder / "report.json"
-    if not path.is_file():
-        raise CompressorError(f"{folder} has no report.json; is it a folder written by compress?")
-    try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CompressorError(f"{path} is corrupt: {e}") from e
+    """Summarise the report.json of a compressed model folder.
+
+    Example: hant report runs/tf_efficientnet_lite0-cpu-0.5
+    """
+    report = read_report(folder)
     if as_json:
-        click.echo(json.dumps(report, indent=1))
+        click.echo(json.dumps(summary(report, folder)))
         return
-    click.echo(_summary(report))
-    click.echo("choices: " + " ".join(report["student"]["choices"]))
-    for phase, rec in report.get("phases", {}).items():
-        click.echo(f"  {phase:10s} {rec.get('seconds', 0):8.1f} s")
+    click.echo(format_report(report))
+
+
+@hant.command("push")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("repo_id", metavar="ORG/NAME")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", default=None, metavar="BRANCH",
+              help="Commit to this branch (created when missing).")
+@_handle_errors
+def push_cmd(folder, repo_id, private, revision):
+    """Upload a folder written by compress to the Hugging Face Hub (token from HF_TOKEN).
+
+    Example: hant push runs/tf_efficientnet_lite0-cpu-0.5 me/lite0-cpu-0.5
+    """
+    from .publish import push_to_hub
+
+    click.echo(f"uploaded to {push_to_hub(folder, repo_id, private=private, revision=revision)}")

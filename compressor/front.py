@@ -1,9 +1,12 @@
-"""The latency / loss front of a multi-budget search (`--speedup 0.25,0.5,0.75`).
+"""The search's latency / loss front of a multi-budget run (`--speedup 0.25,0.5,0.75`).
 
-`write_front` writes, atomically, into the output folder:
+Each point is the architecture the search picked for one budget, with its LUT-predicted latency
+and its loss (KL to the teacher) on the search part's images with its distilled weights, before
+any finetuning: what the search saw, not held-out accuracy (that is `front.png`, drawn by
+`compressor.plots` from the report). `write_front` writes, atomically, into the output folder:
 
-* `front.png`: latency vs loss, one point per requested speedup, the Pareto-optimal ones joined,
-  the teacher marked;
+* `search_front.png`: latency vs search loss, one point per requested speedup, the
+  Pareto-optimal ones joined, the teacher marked;
 * `front.csv` and `front.md`: the same as a table.
 """
 
@@ -76,7 +79,8 @@ def _csv(rows: list[dict], teacher: dict) -> bytes:
 
 
 def _markdown(rows: list[dict], teacher: dict) -> bytes:
-    lines = ["| speedup requested | latency (ms) | speedup | loss | Pareto |",
+    lines = ["| speedup requested | predicted latency (ms) | speedup | search-part loss, before "
+             "finetuning | Pareto |",
              "| --- | --- | --- | --- | --- |",
              f"| teacher | {_fmt(teacher.get('latency_ms'))} | 1 | {_fmt(teacher.get('loss'))} | |"]
     for r in rows:
@@ -105,9 +109,9 @@ def _png(rows: list[dict], teacher: dict) -> bytes:
     if teacher.get("latency_ms") is not None and teacher.get("loss") is not None:
         ax.scatter([teacher["latency_ms"]], [teacher["loss"]], marker="*", s=160,
                    color="tab:red", zorder=4, label="teacher")
-    ax.set_xlabel("latency (ms)")
-    ax.set_ylabel("loss")
-    ax.set_title("latency vs loss")
+    ax.set_xlabel("latency (ms, LUT-predicted)")
+    ax.set_ylabel("search-part loss, before finetuning")
+    ax.set_title("search front: latency vs loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -117,7 +121,8 @@ def _png(rows: list[dict], teacher: dict) -> bytes:
 
 
 def write_front(points: list[dict], teacher: dict, out_dir: Path) -> dict[str, Path]:
-    """Write the front of a multi-budget search as `front.png`, `front.csv` and `front.md`.
+    """Write the front of a multi-budget search as `search_front.png`, `front.csv` and
+    `front.md`.
 
     Args:
         points: one dict per requested speedup with keys `speedup_requested`, `latency_ms`,
@@ -131,7 +136,7 @@ def write_front(points: list[dict], teacher: dict, out_dir: Path) -> dict[str, P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = _rows(points, teacher)
-    paths = {"png": out_dir / "front.png", "csv": out_dir / "front.csv",
+    paths = {"png": out_dir / "search_front.png", "csv": out_dir / "front.csv",
              "md": out_dir / "front.md"}
     for key, data in (("csv", _csv(rows, teacher)), ("md", _markdown(rows, teacher)),
                       ("png", _png(rows, teacher))):

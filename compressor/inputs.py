@@ -28,7 +28,7 @@ from .runtime import Runtime, resolve_runtime
 from .search import check_solver
 from .split import TEACHER, Split, format_shape, split
 from .store import Store, default_work_dir, digest, tensor_digest
-from .teacher import load_teacher
+from .teacher import load_teacher, teacher_source
 
 __all__ = ["RunInputs", "prepare", "check_speedup", "candidate_ops", "teacher_key", "arch_key",
            "train_transform_args", "divisor_key"]
@@ -59,6 +59,7 @@ class RunInputs:
     runtime: Runtime
     speedups: list[float]
     progress: bool = True
+    sources: dict = field(default_factory=dict)  # teacher weights, data folder names
     phases: dict[str, dict] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -149,7 +150,10 @@ def prepare(
         teacher_key=teacher_key(name, teacher, s), arch_key=arch_key(name, teacher, s),
         parts=parts, data_cfg=data_cfg, train_cfg=train_cfg, data_fp=data_fp, recipe=recipe,
         store=store, lut=table, lut_path=lut_path, runtime=runtime, speedups=speedups,
-        progress=progress, phases=phases)
+        progress=progress, phases=phases,
+        sources={"teacher": teacher_source(model, teacher, checkpoint),
+                 "data": Path(data).resolve().name,
+                 "val_data": Path(val_data).resolve().name if val_data else None})
 
 
 def _parts(teacher, s: Split, data_set, val_set, d: DataCfg, rt: Runtime):

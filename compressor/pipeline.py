@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import ops_pool
+
+from .complexity import complexity
 from .distill import ENGINE_VERSION
 from .evaluate import evaluate, predict
 from .finetune import finetune
@@ -44,24 +47,29 @@ class Result:
     teacher_args: dict = field(default_factory=dict)
     input_size: tuple = (3, 224, 224)
 
-    def save_pretrained(self, out_dir, onnx: bool = True) -> Path:
+    def save_pretrained(self, out_dir, onnx: bool = True, repo_id: str | None = None) -> Path:
+        """Write the model folder (`compressor.save_pretrained`); `repo_id` (``ORG/NAME``)
+        names the Hub repo in the model card's load line."""
         from .publish import save_pretrained
 
         return save_pretrained(
             self.model, out_dir, teacher_name=self.teacher_name, teacher_args=self.teacher_args,
             choices=self.report["student"]["choices"], input_size=self.input_size,
-            report=self.report, onnx=onnx,
+            report=self.report, onnx=onnx, repo_id=repo_id,
         )
 
     def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = False,
-                    api=None) -> str:
+                    revision: str | None = None, api=None) -> str:
+        """Write the folder to a temporary directory and upload it (`compressor.push_to_hub`);
+        returns the commit URL."""
         import tempfile
 
         from .publish import push_to_hub
 
         with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(Path(tmp) / "model")
-            return push_to_hub(folder, repo_id, token=token, private=private, api=api)
+            folder = self.save_pretrained(Path(tmp) / "model", repo_id=repo_id)
+            return push_to_hub(folder, repo_id, token=token, private=private,
+                               revision=revision, api=api)
 
 
 @dataclass
@@ -208,8 +216,9 @@ def evaluate_step(run: RunInputs, student: nn.Module) -> dict[str, dict]:
 
 
 def build_report(run: RunInputs, lat: Latencies, pool: Pool, sel: Selection,
-                 scores: dict[str, dict]) -> dict:
-    """Everything measured, for report.json and the model card."""
+                 scores: dict[str, dict], student: nn.Module | None = None) -> dict:
+    """Everything measured, for report.json and the model card (with `student`, the finetuned
+    model, also the params, GMACs and activations of both)."""
     s_pred = lat.fixed_ms + sel.best.latency_ms
     s_meas, t_meas = sel.measured_ms, sel.teacher_measured_ms
     skipped = run.skipped_files()
@@ -243,9 +252,26 @@ def build_report(run: RunInputs, lat: Latencies, pool: Pool, sel: Selection,
         "distill": {"failed_ops": pool.failed},
         "search": {"rounds": sel.rounds, "chosen_round": sel.chosen_round % len(sel.rounds)},
         "front": sel.front,
+        "layer_latency_ms": _layer_latencies(lat, sel.best.choices),
+        "complexity": _complexity(run, student) if student is not None else None,
+        "sources": run.sources,
         "phases": run.phases,
         "notes": run.notes,
     }
+
+
+def _layer_latencies(lat: Latencies, choices: list[str]) -> dict:
+    """Per layer, the LUT's latency of the teacher's layer and of the chosen op (layers.png)."""
+    return {"stem": lat.stem_ms, "head": lat.head_ms,
+            "teacher": [layer[TEACHER] for layer in lat.b],
+            "student": [layer[op] for layer, op in zip(lat.b, choices)]}
+
+
+def _complexity(run: RunInputs, student: nn.Module) -> dict:
+    """Params, GMACs and activations of the teacher and of the student's inference form."""
+    return {"input_size": list(run.input_size),
+            "teacher": complexity(run.teacher, run.input_size),
+            "student": complexity(ops_pool.reparameterize(student), run.input_size)}
 
 
 @dataclass
@@ -276,7 +302,7 @@ def run_steps(run: RunInputs) -> Steps:
 def run_all(run: RunInputs) -> Result:
     """`run_steps`, then the student with its report."""
     st = run_steps(run)
-    report = build_report(run, st.lat, st.pool, st.sel, st.scores)
+    report = build_report(run, st.lat, st.pool, st.sel, st.scores, st.student.model)
     return Result(st.student.model, report, run.teacher_name, run.teacher_args, run.input_size)
 
 
@@ -309,9 +335,17 @@ def compress(
         ...                              target="cpu", speedup=0.5)  # doctest: +SKIP
         >>> result.save_pretrained("out/")  # doctest: +SKIP
     """
+    if push_to_hub:
+        from .publish import check_repo_id
+
+        check_repo_id(push_to_hub)  # before the run, not after it
     result = run_all(prepare(model, data, target, speedup, **kwargs))
     if output is not None:
-        result.save_pretrained(output)
-    if push_to_hub:
+        folder = result.save_pretrained(output, repo_id=push_to_hub)
+        if push_to_hub:
+            from .publish import push_to_hub as push
+
+            push(folder, push_to_hub)
+    elif push_to_hub:
         result.push_to_hub(push_to_hub)
     return result

@@ -18,76 +18,59 @@ from torch import nn
 import ops_pool
 
 from ._errors import ModelError
-from ._text import format_value
+from .card import commit_message as headline
+from .card import model_card
+from .front import write_front
 from .model import ARCHITECTURE, student_pretrained_cfg
+from .plots import write_plots
 from .split import split
+from .store import atomic_write
 
-__all__ = ["save_pretrained", "load", "push_to_hub", "model_card", "export_onnx"]
+__all__ = ["save_pretrained", "load", "push_to_hub", "check_repo_id", "model_card",
+           "export_onnx"]
 
 _logger = logging.getLogger(__name__)
 
 
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What a Hub call raises when the Hub refuses or cannot be reached (HfHubHTTPError is an
+    OSError; newer huggingface_hub versions raise their HTTP client's errors for the rest)."""
+    from huggingface_hub import errors
+
+    return (OSError, getattr(errors, "HTTPError", OSError))
+
+
+_HUB_ERRORS = _hub_errors()
+
+
 def export_onnx(model: nn.Module, input_size, path: Path) -> Path:
-    """`model` in its inference form (multi-branch ops fused, eval mode) as ONNX at `path`."""
+    """`model` in its inference form (multi-branch ops fused, eval mode) as one ONNX file at
+    `path` (input ``pixel_values`` with a dynamic batch, output ``logits``), checked with
+    ``onnx.checker``.
+
+    Exported with torch's current exporter (``dynamo=True``, torch.export and onnxscript);
+    where that fails for an op, with the TorchScript-based one (deprecated), logged.
+    """
+    import onnx
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = ops_pool.reparameterize(model).eval()
+    model = ops_pool.reparameterize(model).cpu().eval()  # a fused copy
+    x = torch.zeros(2, *input_size)  # batch 2: a batch of 1 could specialise the batch axis
+    names = {"input_names": ["pixel_values"], "output_names": ["logits"]}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (torch.zeros(1, *input_size),), str(path), dynamo=False,
-            input_names=["pixel_values"], output_names=["logits"], opset_version=17,
-            dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
-        )
+        try:
+            torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False,
+                              external_data=False, optimize=True,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
+        except Exception as e:  # torch.export raises many types for an untraceable op
+            _logger.warning("the dynamo ONNX exporter failed (%s); exporting with the "
+                            "TorchScript-based one", str(e).splitlines()[0] if str(e) else e)
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=18,
+                              dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+                              **names)
+    onnx.checker.check_model(str(path), full_check=True)
     return path
-
-
-def model_card(report: dict, repo_name: str = "") -> str:
-    """A README.md: what was compressed, how, and what was measured (figures from the report)."""
-    t, s, sp = report["teacher"], report["student"], report["speedup"]
-    teacher = report.get("teacher_name", "teacher")
-    lines = [
-        "---",
-        "library_name: timm",
-        "license: apache-2.0",
-        "tags: [image-classification, timm, hant, compression]",
-        "---",
-        f"# {repo_name or teacher + ' (HANT-compressed)'}",
-        "",
-        f"`{teacher}` compressed with hardware-aware network transformation (HANT) for target "
-        f"`{report['target']['name']}` ({report['target'].get('description', '')}).",
-        "",
-        "## Load",
-        "```python",
-        "import timm, compressor  # importing compressor registers the architecture",
-        'model = timm.create_model("local-dir:PATH_TO_THIS_FOLDER", pretrained=True)',
-        "```",
-        "",
-        "## Measured",
-        "| | teacher | student |",
-        "| --- | --- | --- |",
-        f"| latency, LUT-predicted (ms) | {format_value(t['latency_ms']['predicted'])} | "
-        f"{format_value(s['latency_ms']['predicted'])} |",
-        f"| latency, measured end to end (ms) | {format_value(t['latency_ms']['measured'])} | "
-        f"{format_value(s['latency_ms']['measured'])} |",
-        f"| top-1 (%) on {report['eval_images']} held-out images | {format_value(t['top1'])} | "
-        f"{format_value(s['top1'])} |",
-        f"| top-1 agreement with the teacher (%) | 100 | {format_value(s.get('agreement'))} |",
-        "",
-        f"Speedup (student / teacher latency; 0.5 = twice as fast): requested "
-        f"{format_value(sp['requested'])}, predicted {format_value(sp['predicted'])}, measured "
-        f"{format_value(sp['measured'])}.",
-        "",
-        "The held-out images were never used for distillation, search or finetuning. "
-        "A small calibration set gives a noisy accuracy: read it with its image count.",
-        "",
-        "## Chosen operations",
-        "| layer | op |",
-        "| --- | --- |",
-    ]
-    for name, op in zip(report.get("layers", []), s["choices"]):
-        lines.append(f"| {name} | `{op}` |")
-    lines += ["", "Made with the `hant-compressor` tool; the full record is `report.json`.", ""]
-    return "\n".join(lines)
 
 
 def save_pretrained(
@@ -100,8 +83,15 @@ def save_pretrained(
     input_size,
     report: dict,
     onnx: bool = True,
+    repo_id: str | None = None,
 ) -> Path:
-    """Write the folder atomically: built beside `out_dir`, then renamed into place."""
+    """Write the folder atomically: built beside `out_dir`, then renamed into place.
+
+    It holds ``model.safetensors`` and ``config.json`` (timm's ``save_for_hf``), ``README.md``
+    (the model card; `repo_id` names the Hub repo in its load line), ``front.png`` and
+    ``layers.png`` (`compressor.plots`), ``onnx/model.onnx`` (unless not `onnx`),
+    ``report.json``, and for a multi-budget run the search front (`compressor.front`).
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
@@ -118,13 +108,12 @@ def save_pretrained(
             "channel_divisor": getattr(model, "channel_divisor", ops_pool.get_channel_divisor()),
         }
         save_for_hf(model, str(tmp), model_args=model_args, safe_serialization=True)
-        (tmp / "README.md").write_text(model_card(report))
+        (tmp / "README.md").write_text(model_card(report, repo_id))
         if onnx:
             export_onnx(model, input_size, tmp / "onnx" / "model.onnx")
         if report.get("front"):
-            from .front import write_front
-
             write_front(report["front"]["points"], report["front"]["teacher"], tmp)
+        write_plots(report, tmp)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
         _readable(tmp)
         old = None
@@ -192,21 +181,69 @@ def push_to_hub(
     repo_id: str,
     token: str | None = None,
     private: bool = False,
-    commit_message: str = "Add HANT-compressed model",
+    revision: str | None = None,
+    commit_message: str | None = None,
     api=None,
 ) -> str:
-    """Upload a folder written by `save_pretrained` to the Hub; returns the commit URL.
+    """Upload a folder written by `save_pretrained` to the Hub with
+    ``huggingface_hub.upload_folder``; returns the commit URL.
 
-    `api` defaults to ``huggingface_hub.HfApi(token=token)`` (endpoint from ``HF_ENDPOINT``).
+    The folder's model card is first rewritten to name `repo_id` in its load line (so the
+    folder and the Hub page match), and the commit message carries the headline figures of its
+    ``report.json`` unless `commit_message` is given.
+
+    Args:
+        folder: the written folder.
+        repo_id: ``ORG/NAME``; created when missing (`private` then applies).
+        token: a Hub token (default: ``HF_TOKEN`` or the saved login).
+        revision: a branch to commit to, created from the default branch when missing.
+        api: defaults to ``huggingface_hub.HfApi(token=token)`` (endpoint from
+            ``HF_ENDPOINT``).
+
+    Raises:
+        ModelError: not a written folder, a bad repo id, or the Hub refused or was not
+            reachable (one line; the folder stays as written).
+
+    Example:
+        >>> push_to_hub("runs/lite0-cpu-0.5", "me/lite0-cpu-0.5")  # doctest: +SKIP
     """
     from huggingface_hub import HfApi
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder} is not a saved model folder (no config.json)")
+    check_repo_id(repo_id)
+    message = commit_message or "Add HANT-compressed model"
+    report_file = folder / "report.json"
+    if report_file.is_file():
+        report = json.loads(report_file.read_text())
+        atomic_write(folder / "README.md", lambda p: p.write_text(model_card(report, repo_id)))
+        message = commit_message or headline(report)
     api = api or HfApi(token=token, library_name="hant-compressor")
-    repo = api.create_repo(repo_id, private=private, exist_ok=True)
-    repo_id = getattr(repo, "repo_id", repo_id)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder),
-                             commit_message=commit_message)
+    try:
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        repo_id = getattr(repo, "repo_id", repo_id)
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder),
+                                 commit_message=message, revision=revision)
+    except _HUB_ERRORS as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"upload to {repo_id} failed: {first} (the folder is written at "
+                         f"{folder}; run `hant push {folder} {repo_id}` to try again)") from e
     return str(getattr(info, "commit_url", info))
+
+
+def check_repo_id(repo_id: str) -> str:
+    """`repo_id` if it is a valid ``ORG/NAME`` Hub model id, else ModelError (one line)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ModelError(f"--push-to-hub {repo_id!r} is not a Hub repo id: "
+                         f"{str(e).splitlines()[0]}") from None
+    if repo_id.count("/") != 1:
+        raise ModelError(f"--push-to-hub wants ORG/NAME (an account or organisation, a slash, "
+                         f"a name), got {repo_id!r}")
+    return repo_id

@@ -12,7 +12,7 @@ from torch import nn
 
 from ._errors import ModelError
 
-__all__ = ["load_teacher", "packaged_weights"]
+__all__ = ["load_teacher", "packaged_weights", "teacher_source"]
 
 _logger = logging.getLogger(__name__)
 
@@ -38,6 +38,37 @@ def packaged_weights(name: str) -> Path | None:
     except ImportError:
         return None
     return Path(getattr(mod, cls).get_model_file_path())
+
+
+# timm's pretrained tags name the training data (``in22k_ft_in1k``); the Hub's data set ids
+_TAG_DATASETS = {"in1k": "imagenet-1k", "in12k": "imagenet-12k", "in21k": "imagenet-21k",
+                 "in22k": "imagenet-22k"}
+
+
+def teacher_source(model: str | nn.Module, net: nn.Module,
+                   checkpoint: str | Path | None = None) -> dict:
+    """Where the teacher's weights came from (``packaged``, ``checkpoint``, ``module``: a
+    user's own, ``random``), with the Hub id, training data sets and license of timm's
+    pretrained weights when those are the ones loaded (what a model card names as its base
+    model).
+
+    Example:
+        >>> teacher_source("test_resnet", timm.create_model("test_resnet"))
+        {'weights': 'random', 'hub_id': None, 'datasets': [], 'license': None}
+    """
+    if checkpoint is not None:
+        weights = "checkpoint"
+    elif isinstance(model, nn.Module):
+        weights = "module"
+    else:
+        weights = "packaged" if packaged_weights(str(model)) is not None else "random"
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    if weights != "packaged":
+        return {"weights": weights, "hub_id": None, "datasets": [], "license": None}
+    tags = str(cfg.get("tag") or "").split("_")
+    return {"weights": weights, "hub_id": cfg.get("hf_hub_id"),
+            "datasets": [_TAG_DATASETS[t] for t in tags if t in _TAG_DATASETS],
+            "license": cfg.get("license")}
 
 
 def _load_file(model: nn.Module, path: Path, remap: bool) -> None:

@@ -31,6 +31,11 @@ def _run(args, tmp_path):
         (["test_efficientnet", "--speedup", "abc", "--random-init"], "must be a number"),
         (["test_efficientnet", "--random-init", "--target", "tpu"], "unknown target 'tpu'"),
         (["resnet50"], "no weights for 'resnet50'"),
+        (["test_efficientnet", "--random-init", "--private"], "go with --push-to-hub"),
+        (["test_efficientnet", "--random-init", "--revision", "v1"], "go with --push-to-hub"),
+        (["test_efficientnet", "--random-init", "--push-to-hub", "tiny"], "wants ORG/NAME"),
+        (["test_efficientnet", "--random-init", "--push-to-hub", "org/a b"],
+         "is not a Hub repo id"),
     ],
 )
 def test_bad_arguments(args, message, images, tmp_path):
@@ -146,3 +151,104 @@ def test_hant_search_and_finetune_commands(tmp_path):
     res = CliRunner().invoke(hant, ["finetune", *common])
     assert res.exit_code == 0, res.output
     assert "held-out images" in res.output and "student  top1" in res.output
+
+
+def test_compress_help_shows_the_quickstart():
+    res = CliRunner().invoke(compress_main, ["--help"])
+    assert res.exit_code == 0
+    for line in ("Quickstart", "compress tf_efficientnet_lite0 --target cpu --speedup 0.5",
+                 "hant report runs/tf_efficientnet_lite0-cpu-0.5",
+                 'timm.create_model("local-dir:runs/tf_efficientnet_lite0-cpu-0.5"',
+                 "--push-to-hub ORG/NAME", "runs/MODEL-TARGET-SPEEDUP"):
+        assert line in res.output, line
+
+
+def test_default_output_folder():
+    from pathlib import Path
+
+    from compressor.cli import default_output
+
+    assert default_output("tf_efficientnet_lite0", "cpu", "0.5") == Path(
+        "runs/tf_efficientnet_lite0-cpu-0.5")
+    assert default_output("test_vit", "v100", "0.8, 0.65") == Path("runs/test_vit-v100-0.8_0.65")
+    assert default_output("hf-hub:org/x", "cpu", "0.5") == Path("runs/hf-hub_org_x-cpu-0.5")
+
+
+def test_compress_quiet_json_default_output_and_push(tmp_path, monkeypatch):
+    """What a script sees: `compress --quiet --json` (in a subprocess, so that anything a
+    library prints to the real stdout or stderr shows) writes runs/MODEL-TARGET-SPEEDUP,
+    prints the headline, where it wrote and uploaded, and the report's summary as its last
+    line, nothing else (no third-party banners); it pushes to the Hub with the revision; `hant
+    report` reads the folder back, as text and as the same JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import timm
+    import torch
+
+    import compressor  # noqa: F401  (registers the architecture for hf-hub:)
+
+    from .conftest import make_images
+    from .fake_hub import FakeHub
+
+    data = make_images(tmp_path / "imgs", 30)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base: default\npool:\n  include: [efn_3x3_e1_se1.00, "
+                      "cb_bottle_3x3_ex0.125]\ndistill:\n  batch_size: 8\n"
+                      "search:\n  k: 2\n  verify_rounds: 1\nfinetune:\n  epochs: 1\n"
+                      "  batch_size: 8\ndata:\n  candidate_eval_images: 4\n  batch_size: 8\n")
+    hub = FakeHub(tmp_path / "hub")
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_secret_token",
+           "HF_HUB_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-c", "from compressor.cli import compress_main; compress_main()",
+           "test_efficientnet", "--data", str(data), "--random-init", "--recipe", str(recipe),
+           "--speedup", "0.9,0.8", "--work-dir", str(tmp_path / "w"), "--quiet", "--json",
+           "--push-to-hub", "org/tiny", "--revision", "v1"]
+    try:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+    finally:
+        hub.close()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 6, proc.stdout
+    assert lines[0].startswith("teacher  top1") and lines[2].startswith("speedup  requested 0.9")
+    assert lines[3] == "wrote runs/test_efficientnet-cpu-0.9_0.8"
+    assert lines[4] == f"uploaded to {hub.url}/org/tiny/commit/abc123"
+    assert "hf_secret_token" not in proc.stdout
+    out = json.loads(lines[-1])
+    folder = tmp_path / "runs" / "test_efficientnet-cpu-0.9_0.8"
+    report = json.loads((folder / "report.json").read_text())
+    assert out["output"] == "runs/test_efficientnet-cpu-0.9_0.8"
+    assert out["hub_commit"].endswith("/org/tiny/commit/abc123")
+    assert out["choices"] == report["student"]["choices"]
+    assert out["speedup"]["measured"] == report["speedup"]["measured"]
+    assert [p["speedup_requested"] for p in out["front"]] == [0.9, 0.8]
+    assert out["complexity"]["teacher"]["params_m"] > 0
+    for name in ("front.png", "layers.png", "search_front.png", "front.md", "README.md",
+                 "onnx/model.onnx"):
+        assert (folder / name).is_file(), name
+    stored = tmp_path / "hub" / "org" / "tiny" / "v1"
+    assert "hf-hub:org/tiny" in (stored / "README.md").read_text()
+    (commit,) = hub.commits
+    assert commit["summary"].startswith("HANT test_efficientnet for cpu: measured speedup")
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(hant, ["report", "runs/test_efficientnet-cpu-0.9_0.8"])
+    assert res.exit_code == 0, res.output
+    assert "chosen ops per stage:" in res.output and "search front" in res.output
+    assert "size     params" in res.output and "student  top1" in res.output
+    res = CliRunner().invoke(hant, ["report", "runs/test_efficientnet-cpu-0.9_0.8", "--json"])
+    assert res.exit_code == 0 and json.loads(res.output) == {
+        k: v for k, v in out.items() if k != "hub_commit"}
+    res = CliRunner().invoke(hant, ["report", str(tmp_path / "imgs")])
+    assert res.exit_code == 2 and "has no report.json" in res.output
+
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        local = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        hub_copy = timm.create_model(f"local-dir:{stored}", pretrained=True).eval()
+        assert torch.allclose(local(x), hub_copy(x), atol=1e-6)

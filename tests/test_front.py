@@ -15,6 +15,7 @@ def test_write_front_files(tmp_path):
     out = tmp_path / "run"
     paths = write_front(_points(), {"latency_ms": 10.0, "loss": 0.4}, out)
     assert set(paths) == {"png", "csv", "md"}
+    assert paths["png"].name == "search_front.png"  # front.png is held-out top-1 (plots)
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(paths["csv"].open()))
     assert [r["speedup_requested"] for r in rows] == ["teacher", "0.25", "0.5", "0.75"]

@@ -57,6 +57,27 @@ def test_report_fields(run_result):
     for phase in ("split", "lut", "distill", "fitness", "search", "finetune", "evaluate"):
         assert r["phases"][phase]["seconds"] >= 0
     assert r["search"]["rounds"][0]["solutions"]
+    # what layers.png and the model card read
+    lat = r["layer_latency_ms"]
+    assert len(lat["teacher"]) == len(lat["student"]) == len(r["layers"])
+    assert lat["stem"] + lat["head"] + sum(lat["student"]) == pytest.approx(
+        r["student"]["latency_ms"]["predicted"])
+    assert lat["stem"] + lat["head"] + sum(lat["teacher"]) == pytest.approx(
+        r["teacher"]["latency_ms"]["predicted"])
+    cx = r["complexity"]
+    teacher = run_result["teacher"]
+    assert cx["teacher"]["params_m"] == round(sum(p.numel() for p in teacher.parameters()) / 1e6,
+                                              6)
+    from compressor.complexity import complexity
+
+    student = run_result["result"].model
+    assert cx["student"] == complexity(student, run_result["result"].input_size)
+    assert 0 < cx["student"]["gmacs"] and 0 < cx["teacher"]["gmacs"]
+    assert cx["input_size"] == list(run_result["result"].input_size)
+    # a user's own module: its weights are its own, so no Hub base model is claimed
+    assert r["sources"] == {"teacher": {"weights": "module", "hub_id": None, "datasets": [],
+                                        "license": None},
+                            "data": "images", "val_data": None}
 
 
 def test_save_and_load_round_trip(run_result, tmp_path):
