@@ -105,6 +105,7 @@ class SearchCfg:
     gap: float = 0.0  # relative gap a solution may stop at (0: prove every optimum)
     verify_rounds: int = 3
     tolerance: float = 0.03
+    refine_rounds: int = 0  # re-score every op in the best architecture's context, re-solve
 
 
 @dataclass

@@ -10,6 +10,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ._errors import SearchError
@@ -22,8 +23,9 @@ from .pool import Pool
 from .recipe import FitnessCfg, SearchCfg
 from .runtime import Runtime
 from .search import Solution, kendall_tau, min_latency, solve
+from .split import TEACHER
 
-__all__ = ["Selection", "select_architecture"]
+__all__ = ["Selection", "select_architecture", "in_context_fitness"]
 
 _logger = logging.getLogger(__name__)
 
@@ -78,13 +80,35 @@ class _Ranker:
                 raise SearchError("NSGA-II found no architecture within the budget; use the "
                                   "integer program (--search ip) or a larger budget")
         else:
-            sols = solve(a, b, budget, k=cfg.k, overlap=cfg.overlap, solver=cfg.solver,
-                         time_limit=cfg.time_limit, teacher_ms=self.lat.teacher_ms,
-                         fixed_ms=self.lat.fixed_ms, total_time_limit=cfg.total_time_limit,
-                         gap=cfg.gap)
+            sols = self._solve(a, b, budget)
         losses = [self.loss(sol.choices) for sol in sols]
         tau = kendall_tau([sol.objective for sol in sols], losses)
+        for r in range(cfg.refine_rounds if cfg.method == "ip" else 0):
+            best = sols[min(range(len(sols)), key=losses.__getitem__)]
+            seen = {tuple(sol.choices) for sol in sols}
+            fresh = [sol for sol in self._solve(self.in_context(best.choices, a), b, budget)
+                     if tuple(sol.choices) not in seen]
+            _logger.info("refine round %d: %d new architectures around the best one", r + 1,
+                         len(fresh))
+            if not fresh:
+                break
+            sols += fresh
+            losses += [self.loss(sol.choices) for sol in fresh]
         return sols, losses, tau, min(range(len(sols)), key=losses.__getitem__)
+
+    def _solve(self, a, b, budget: float) -> list[Solution]:
+        cfg = self.cfg
+        return solve(a, b, budget, k=cfg.k, overlap=cfg.overlap, solver=cfg.solver,
+                     time_limit=cfg.time_limit, teacher_ms=self.lat.teacher_ms,
+                     fixed_ms=self.lat.fixed_ms, total_time_limit=cfg.total_time_limit,
+                     gap=cfg.gap)
+
+    def in_context(self, choices, a: list[dict[str, float]]) -> list[dict[str, float]]:
+        """Per layer i and op j of `a`: the loss of `choices` with layer i set to j, less the
+        lowest of layer i (a per-layer constant, so the solver's optimum is that of the loss
+        change against `choices`), on the candidate images."""
+        return in_context_fitness(self.pool, list(choices), [list(layer) for layer in a],
+                                  self.cand, self.t_logits, self.runtime, self.loss_kind)
 
     def loss(self, choices) -> float:
         model = self.pool.assemble(list(choices)).eval()
@@ -165,6 +189,53 @@ def select_architecture(
              if len(speedups) > 1 else None)
     return Selection(best, rounds, pre.info, cfg.method, t_meas, front, measured_in_loop,
                      notes, chosen)
+
+
+def in_context_fitness(pool: Pool, choices: list[str], ops: list[list[str]],
+                       images: ImageSource, t_logits: Logits, runtime: Runtime | None = None,
+                       kind: str = "kl") -> list[dict[str, float]]:
+    """Fitness in an architecture's context: per layer i and op j of ``ops[i]``, the mean loss
+    (:func:`~compressor.evaluate.task_loss` against `t_logits`) of the student `choices` with
+    layer i alone set to j, less the lowest such loss of layer i. The student's own
+    activations feed every op, so an op is scored on the inputs it would get there, and an
+    error compounds with the others as it would in that student."""
+    from .evaluate import task_loss
+
+    runtime = runtime or Runtime.cpu()
+    student = runtime.module(pool.assemble(choices)).eval()
+    sums = [dict.fromkeys(layer, 0.0) for layer in ops]
+    seen = 0
+    modules: dict[tuple[int, str], nn.Module] = {}
+
+    def op(i: int, name: str) -> nn.Module:
+        if name == choices[i]:
+            return student.layers[i]
+        if (i, name) not in modules:
+            m = pool.split.layers[i].module if name == TEACHER else pool.op(i, name)
+            modules[(i, name)] = runtime.module(m).eval()
+        return modules[(i, name)]
+
+    for batch in images.batches(32):
+        n = len(batch.y)
+        t = t_logits.logits[seen:seen + n].to(runtime.device).float()
+        y = batch.y.to(runtime.device)
+        with torch.no_grad(), runtime.autocast():
+            acts = [student.stem(runtime.input(batch.x))]
+            for layer in student.layers:
+                acts.append(layer(acts[-1]))
+            for i, layer_ops in enumerate(ops):
+                for name in layer_ops:
+                    h = op(i, name)(acts[i])
+                    for later in student.layers[i + 1:]:
+                        h = later(h)
+                    logits = student.head(h).float()
+                    sums[i][name] += float(task_loss(logits, y, t, kind).sum())
+        seen += n
+    out = []
+    for layer in sums:
+        low = min(layer.values(), default=0.0)
+        out.append({name: (v - low) / max(seen, 1) for name, v in layer.items()})
+    return out
 
 
 def _latency_in_loop(cfg: SearchCfg, measurer: Measurer, pool: Pool, lat: Latencies,

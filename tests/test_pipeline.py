@@ -456,3 +456,55 @@ def test_verify_rounds_tighten_a_miss_and_loosen_slack(run_result, monkeypatch, 
     assert sel.best.choices == r["solutions"][r["best"]]["choices"]
     first = student_ms[0] / 10.0
     assert budgets[1] == pytest.approx(budgets[0] * 0.6 / first)  # towards the measured ratio
+
+
+def test_in_context_fitness_is_the_fitness_table_in_the_teachers_context(run_result,
+                                                                         monkeypatch):
+    """Scored around the all-teacher architecture, on the same images, the in-context fitness
+    is the one-at-a-time table (up to a per-layer constant); around another architecture it is
+    not; and refine rounds add the solutions found with it to the ranked ones."""
+    from compressor.evaluate import predict
+    from compressor.fitness import fitness
+    from compressor.split import TEACHER
+
+    d = run_result
+    run = compressor.prepare(d["teacher"], d["data"], "cpu", 0.6, **d["kwargs"])
+    lat = pipeline.lut_step(run)
+    pool = pipeline.distill_step(run, lat)
+    ops = [[TEACHER] + [op for (i, op) in pool.results if i == layer]
+           for layer in range(len(pool.split.layers))]
+    images = run.parts["search"].decode()
+    t_logits = predict(run.teacher, images)
+    n = len(ops)
+    ctx = selection.in_context_fitness(pool, [TEACHER] * n, ops, images, t_logits)
+    table = fitness(pool.split, {i: {op: pool.split.layers[i].module if op == TEACHER
+                                     else pool.op(i, op) for op in layer}
+                                 for i, layer in enumerate(ops)}, images)
+    for i, layer in enumerate(ops):
+        for op in layer:
+            assert ctx[i][op] - ctx[i][TEACHER] == pytest.approx(table.a[i][op], abs=1e-5)
+        assert min(ctx[i].values()) == 0.0
+    other = [layer[1] if len(layer) > 1 else TEACHER for layer in ops]
+    around = selection.in_context_fitness(pool, other, ops, images, t_logits)
+    assert any(abs((around[i][op] - around[i][TEACHER]) - table.a[i][op]) > 1e-4
+               for i, layer in enumerate(ops) for op in layer)
+
+    calls = []
+
+    def spy(pool, choices, *args, **kwargs):
+        calls.append(list(choices))
+        return real(pool, choices, *args, **kwargs)
+
+    real = selection.in_context_fitness
+    monkeypatch.setattr(selection, "in_context_fitness", spy)
+    recipe = d["kwargs"]["recipe"].override("search", refine_rounds=1, verify_rounds=1)
+    run = compressor.prepare(d["teacher"], d["data"], "cpu", 0.6,
+                             **dict(d["kwargs"], recipe=recipe))
+    sel = pipeline.search_step(run, lat, pool, pipeline.fitness_step(run, pool))
+    first = sel.rounds[0]
+    assert len(first["solutions"]) == len(first["candidate_losses"]) >= 1
+    assert first["candidate_losses"][first["best"]] == min(first["candidate_losses"])
+    choices = [tuple(s["choices"]) for s in first["solutions"]]
+    assert len(set(choices)) == len(choices)  # a refine round adds only new architectures
+    # one refine round, around the best of the first K
+    assert len(calls) == 1 and tuple(calls[0]) in choices[:4]
