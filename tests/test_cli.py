@@ -135,14 +135,7 @@ def test_cuda_asked_for_where_there_is_none_is_one_line(tmp_path):
 def test_hant_search_and_finetune_commands(tmp_path):
     """The phase commands run the pipeline's steps over one work dir: search prints the K
     solutions and the best, finetune the summary on the held-out images."""
-    from .conftest import make_images
-
-    data = make_images(tmp_path / "imgs", 30)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("base: default\npool:\n  include: [efn_3x3_e1_se1.00, "
-                      "cb_bottle_3x3_ex0.125]\ndistill:\n  batch_size: 8\n"
-                      "search:\n  k: 2\n  verify_rounds: 1\nfinetune:\n  epochs: 1\n"
-                      "  batch_size: 8\ndata:\n  candidate_eval_images: 4\n  batch_size: 8\n")
+    data, recipe = _tiny_run(tmp_path)
     common = ["test_efficientnet", "--data", str(data), "--random-init", "--recipe",
               str(recipe), "--speedup", "0.9", "--work-dir", str(tmp_path / "w"), "--quiet"]
     res = CliRunner().invoke(hant, ["search", *common])
@@ -190,15 +183,9 @@ def test_compress_quiet_json_default_output_and_push(tmp_path, monkeypatch):
 
     import compressor  # noqa: F401  (registers the architecture for hf-hub:)
 
-    from .conftest import make_images
     from .fake_hub import FakeHub
 
-    data = make_images(tmp_path / "imgs", 30)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("base: default\npool:\n  include: [efn_3x3_e1_se1.00, "
-                      "cb_bottle_3x3_ex0.125]\ndistill:\n  batch_size: 8\n"
-                      "search:\n  k: 2\n  verify_rounds: 1\nfinetune:\n  epochs: 1\n"
-                      "  batch_size: 8\ndata:\n  candidate_eval_images: 4\n  batch_size: 8\n")
+    data, recipe = _tiny_run(tmp_path)
     hub = FakeHub(tmp_path / "hub")
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_secret_token",
            "HF_HUB_CACHE": str(tmp_path / "cache")}
@@ -252,3 +239,16 @@ def test_compress_quiet_json_default_output_and_push(tmp_path, monkeypatch):
         local = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
         hub_copy = timm.create_model(f"local-dir:{stored}", pretrained=True).eval()
         assert torch.allclose(local(x), hub_copy(x), atol=1e-6)
+
+
+def _tiny_run(tmp_path):
+    """30 synthetic images and a recipe file for a two-op, one-epoch run of the CLI."""
+    from .conftest import make_images
+
+    data = make_images(tmp_path / "imgs", 30)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base: default\npool:\n  include: [efn_3x3_e1_se1.00, "
+                      "cb_bottle_3x3_ex0.125]\ndistill:\n  batch_size: 8\n"
+                      "search:\n  k: 2\n  verify_rounds: 1\nfinetune:\n  epochs: 1\n"
+                      "  batch_size: 8\ndata:\n  candidate_eval_images: 4\n  batch_size: 8\n")
+    return data, recipe
