@@ -198,15 +198,25 @@ def hant():
 
 @hant.command("split")
 @click.argument("model")
+@click.option("--layers", default=None, metavar="PATTERN[,PATTERN]",
+              help="Module paths to use as the layers instead of the automatic cut (fnmatch "
+                   "over model.named_modules(); of nested matches the outermost is kept).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_handle_errors
-def split_cmd(model, as_json):
-    """Show how MODEL is cut into stem, layers and head."""
+def split_cmd(model, layers, as_json):
+    """Show how MODEL is cut into stem, layers and head.
+
+    \b
+    Example:
+      hant split dla34
+      hant split convnext_tiny --layers 'stages.*'
+    """
     from .split import split
     from .teacher import load_teacher
 
+    patterns = None if layers is None else [p.strip() for p in layers.split(",") if p.strip()]
     net, name, _ = load_teacher(model, random_init=True)
-    s = split(net, model_name=name)
+    s = split(net, model_name=name, layers=patterns)
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=1))
         return

@@ -37,6 +37,9 @@ class Backend:
     devices: tuple[str, ...] = ("cpu",)
     precisions: tuple[str, ...] = ("fp32",)
     estimates = False
+    #: `measure` needs only the module's structure and shapes: it may be given a module built
+    #: on the meta device (no weights), which costs far less to build
+    shapes_only = False
 
     def __init__(self, target: Target):
         self.target = target
@@ -85,7 +88,9 @@ class Backend:
 
 
 def onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
-    """`module` as ONNX bytes (TorchScript exporter: fast for small graphs).
+    """`module` as ONNX bytes: the TorchScript exporter (fast for small graphs), else the
+    dynamo exporter for modules the TorchScript one cannot take (e.g. timm's attention, whose
+    fused ``scaled_dot_product_attention`` call it fails to script on recent torch).
 
     Example:
         >>> import torch
@@ -95,8 +100,19 @@ def onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, (example,), buf, dynamo=False, input_names=["x"], output_names=["y"],
-            opset_version=17,
-        )
-    return buf.getvalue()
+        try:
+            torch.onnx.export(
+                module, (example,), buf, dynamo=False, input_names=["x"], output_names=["y"],
+                opset_version=17,
+            )
+            return buf.getvalue()
+        except Exception as first:  # noqa: BLE001 - retried with the other exporter below
+            script_error = first
+        try:
+            program = torch.onnx.export(module, (example,), dynamo=True, verbose=False,
+                                        input_names=["x"], output_names=["y"], opset_version=18)
+        except Exception as second:
+            raise RuntimeError(
+                f"cannot export {type(module).__name__} to ONNX: TorchScript exporter: "
+                f"{script_error}; dynamo exporter: {second}") from second
+    return program.model_proto.SerializeToString()

@@ -69,8 +69,8 @@ def test_assemble_with_ops_and_wrong_count():
         s.assemble(["teacher"])
 
 
-class _TwoInputBlocks(nn.Module):
-    """Blocks whose output is reused two layers later (a long skip): not splittable there."""
+class _ThreeBlocks(nn.Module):
+    """A stem, three conv blocks and a head; subclasses wire them."""
 
     def __init__(self):
         super().__init__()
@@ -80,6 +80,10 @@ class _TwoInputBlocks(nn.Module):
         ])
         self.head = nn.Linear(8, 10)
 
+
+class _TwoInputBlocks(_ThreeBlocks):
+    """Blocks whose output is reused two layers later (a long skip)."""
+
     def forward(self, x):
         x = self.stem(x)
         y = self.blocks[0](x)
@@ -87,9 +91,29 @@ class _TwoInputBlocks(nn.Module):
         return self.head(z.mean((2, 3)))
 
 
+def test_long_skip_goes_with_the_layer_it_spans():
+    m = _TwoInputBlocks().eval()
+    s = compressor.split(m, input_size=(3, 16, 16))
+    assert [la.name for la in s.layers] == ["blocks.0", "blocks.1", "blocks.2"]
+    # blocks.1 takes y and gives blocks.1(y) + y: the skip is inside that layer
+    assert s.layers[0].module is m.blocks[0] and s.layers[1].module is not m.blocks[1]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(s.assemble(["teacher"] * 3).eval()(x), m(x))
+
+
+class _SkipOverAll(_ThreeBlocks):
+    """The stem's output is added after the last block: no cut between the blocks."""
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head((self.blocks(x) + x).mean((2, 3)))
+
+
 def test_untraceable_layout_names_model_and_node():
-    with pytest.raises(SplitError, match=r"_TwoInputBlocks: .*blocks\.\d"):
-        compressor.split(_TwoInputBlocks(), input_size=(3, 16, 16))
+    with pytest.raises(SplitError, match=r"_SkipOverAll: .*inside 'blocks': the output of 'stem' "
+                                         r"is used again by 'add'.*--layers"):
+        compressor.split(_SkipOverAll(), input_size=(3, 16, 16))
 
 
 class _NoBlocks(nn.Module):
