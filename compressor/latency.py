@@ -8,9 +8,11 @@ says whether any was used, so the report can say so.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 import latency_luts
@@ -112,6 +114,9 @@ def can_measure(lut: LUT, lut_path: Path | None) -> bool:
     return lut.fingerprint.get("device") == here["device"]
 
 
+_SAVE_EVERY_S = 20.0  # an interrupted LUT build loses at most this much work
+
+
 def op_key(split: Split, arch_key: str, index: int, op: str) -> str:
     """LUT op name: pool ops are shared across teachers; teacher layers and stem/head are not."""
     if op == TEACHER:
@@ -165,15 +170,26 @@ def _mismatch(split: Split, lut: LUT, item: tuple) -> str:
 def _items(split: Split, arch_key: str, candidates: dict[int, list[str]]) -> list[tuple]:
     stem_out = split.layers[0].in_shape
     head_in = split.layers[-1].out_shape
-    items = [(f"stem@{arch_key}", split.input_size, stem_out, lambda: split.stem, "the stem"),
-             (f"head@{arch_key}", head_in, split.output_shape, lambda: split.head, "the head")]
+    items = [(f"stem@{arch_key}", split.input_size, stem_out, lambda meta: split.stem, "the stem"),
+             (f"head@{arch_key}", head_in, split.output_shape, lambda meta: split.head,
+              "the head")]
     for i, ops in candidates.items():
         layer = split.layers[i]
         for op in ops:
             items.append((op_key(split, arch_key, i, op), layer.in_shape, layer.out_shape,
-                          (lambda i=i, op=op: _deploy(split.build_op(i, op))),
+                          (lambda meta, i=i, op=op: _candidate(split, i, op, meta)),
                           f"layer {i} '{layer.name}'"))
     return items
+
+
+def _candidate(split: Split, index: int, op: str, meta: bool) -> nn.Module:
+    """Candidate `op` of layer `index` in its deployed form; with `meta` (for a backend that
+    needs only shapes, the roofline) a pool op is built on the meta device without its forward
+    check: no weights are initialised and nothing is computed."""
+    if not meta or op == TEACHER:
+        return _deploy(split.build_op(index, op))
+    with torch.device("meta"):
+        return ops_pool.reparameterize(split.build_op(index, op, check=False), inplace=True).eval()
 
 
 def missing_entries(split: Split, arch_key: str, candidates: dict[int, list[str]],
@@ -221,12 +237,14 @@ def layer_latencies(
             lut.overhead_ms = backend.overhead_ms()
         bar = tqdm(missing, desc=f"latency LUT ({lut.target.name})", unit="op",
                    disable=not progress)
-        for n, (name, in_shape, out_shape, make, _) in enumerate(bar):
-            m = backend.measure(make(), tuple(in_shape))
+        saved = time.monotonic()
+        for name, in_shape, out_shape, make, _ in bar:
+            m = backend.measure(make(backend.shapes_only), tuple(in_shape))
             lut.set(name, in_shape, out_shape, max(m.ms - lut.overhead_ms, 0.0), m.spread_ms,
                     m.runs, estimated=m.estimated, raw_ms=m.ms, stable=m.stable)
-            if n % 25 == 24:
+            if time.monotonic() - saved > _SAVE_EVERY_S:  # by time: a save rewrites the file
                 lut.save(lut_path)
+                saved = time.monotonic()
         lut.save(lut_path)
     if lut.estimated:
         _logger.warning("latencies for target '%s' are roofline estimates, not measurements",

@@ -63,7 +63,9 @@ class _Trace(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = _same_shape_output(func, args)
+        if out is None:
+            out = func(*args, **kwargs)
         packet = func._overloadpacket
         if getattr(func, "is_view", False) or packet.__name__ in _FREE:
             return out
@@ -80,6 +82,35 @@ class _Trace(TorchDispatchMode):
         return out
 
 
+_aten = torch.ops.aten
+# ops whose output has their first input's shape: on meta tensors their outputs are made here,
+# since torch's meta kernels for them (Python decompositions) cost milliseconds a call
+_UNARY = {getattr(_aten, n).default for n in (
+    "relu", "relu_", "hardtanh", "hardtanh_", "silu", "silu_", "gelu", "sigmoid", "sigmoid_",
+    "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "tanh", "leaky_relu", "elu", "mish",
+    "_softmax", "_safe_softmax") if hasattr(_aten, n)}
+
+
+def _same_shape_output(func, args: tuple):
+    """The output of `func` on meta tensors where it is just the shape of its input (unary
+    activations, eval-mode batch norm), else None (the caller runs `func`)."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.device.type != "meta":
+        return None
+    if func in _UNARY:
+        return torch.empty_like(x)
+    if func is _aten._native_batch_norm_legit_no_training.default:
+        return torch.empty_like(x), x.new_empty(0), x.new_empty(0)
+    if func is _aten.native_batch_norm.default:  # (out, save_mean, save_invstd)
+        saved = x.shape[1] if args[5] else 0  # in eval mode nothing is saved (as on a CPU)
+        return torch.empty_like(x), x.new_empty(saved), x.new_empty(saved)
+    if func is _aten.native_layer_norm.default:  # (out, mean, rstd) over the last k dims
+        k = len(args[1])
+        stat = (*x.shape[:x.dim() - k], *([1] * k))
+        return x.new_empty(x.shape), x.new_empty(stat), x.new_empty(stat)  # contiguous
+    return None
+
+
 def _trace(module: nn.Module, x: torch.Tensor) -> list[Kernel]:
     ids = {id(t) for t in list(module.parameters()) + list(module.buffers())}
     mode = _Trace(ids)
@@ -90,7 +121,11 @@ def _trace(module: nn.Module, x: torch.Tensor) -> list[Kernel]:
 
 def trace_kernels(module: nn.Module, in_shape: tuple[int, ...]) -> list[Kernel]:
     """The ATen ops of one batch-1 fp32 forward of a copy of `module`: on the meta device (no
-    compute), or on this CPU if the module does not run on meta tensors."""
+    compute), or on this CPU if the module does not run on meta tensors. A module that is on
+    the meta device already (built there) is traced as it is, in eval mode."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    if tensors and all(t.device.type == "meta" for t in tensors):
+        return _trace(module.eval(), torch.empty(1, *in_shape, device="meta"))
     module = copy.deepcopy(module).eval().float()
     try:
         return _trace(module.to("meta"), torch.empty(1, *in_shape, device="meta"))
@@ -110,6 +145,7 @@ class RooflineEstimator(Backend):
     devices = ("cpu", "cuda")
     precisions = ("fp32", "fp16", "bf16")
     estimates = True
+    shapes_only = True
 
     def check(self) -> None:
         if not self.target.can_estimate:

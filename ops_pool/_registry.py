@@ -144,11 +144,12 @@ def valid_ops(in_shape, out_shape) -> list[str]:
     return [n for n, e in _REGISTRY.items() if _accepts(e, in_shape, out_shape)]
 
 
-def build(name: str, in_shape, out_shape) -> nn.Module:
+def build(name: str, in_shape, out_shape, check: bool = True) -> nn.Module:
     """Build op ``name`` for a layer with per-sample ``in_shape`` -> ``out_shape``.
 
-    The module is checked with a forward pass on zeros of shape ``(2, *in_shape)`` and
-    returned in train mode.
+    The module is checked with a forward pass on zeros of shape ``(2, *in_shape)`` (unless
+    ``check`` is False: a caller that runs it next checks the shape itself) and returned in
+    train mode.
     """
     entry = _entry(name)
     in_shape, out_shape = _as_shape(in_shape), _as_shape(out_shape)
@@ -161,6 +162,8 @@ def build(name: str, in_shape, out_shape) -> nn.Module:
     module = entry.builder(in_shape, out_shape)
     if not isinstance(module, nn.Module):
         raise OpsPoolError(f"{where} returned {type(module).__name__}, not an nn.Module")
+    if not check:
+        return module
     was_training = module.training
     module.eval()
     try:

@@ -43,6 +43,33 @@ def test_estimator_does_not_move_the_module():
     assert next(m.parameters()).device.type == "cpu"
 
 
+@pytest.mark.parametrize("op,shape", [
+    ("efnlite_3x3_e4", (16, 16, 16)), ("repvgg_3x3_ex1.0", (16, 16, 16)),
+    ("cb_bottle_5x5_ex0.25", (16, 16, 16)), ("vit_d1_w32_h4", (16, 16, 16)),
+    ("mlp_e0.25", (17, 32)),
+])
+def test_meta_built_op_traces_like_a_built_one(op, shape):
+    """The estimator's fast path (the op built on the meta device, its activations' and batch
+    norm's outputs made from shapes) records the same kernels as tracing a real module on this
+    CPU (attention as its math, which is what meta tensors run)."""
+    import ops_pool
+    from latency_luts import roofline
+
+    if op not in ops_pool.valid_ops(shape, shape):
+        pytest.skip(f"{op} does not fit {shape}")
+    real = ops_pool.reparameterize(ops_pool.build(op, shape, shape)).eval()
+    with torch.device("meta"):
+        meta = ops_pool.reparameterize(ops_pool.build(op, shape, shape, check=False),
+                                       inplace=True)
+    fast = roofline.trace_kernels(meta, shape)
+    assert next(meta.parameters()).device.type == "meta"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        reference = roofline._trace(real, torch.randn(1, *shape))
+    assert fast == reference and len(fast) >= 2
+
+
 def test_estimator_needs_peak_figures():
     with pytest.raises(BackendUnavailableError, match="no peak figures"):
         latency_luts.RooflineEstimator(latency_luts.get_target("cpu")).check()

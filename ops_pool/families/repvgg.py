@@ -9,6 +9,7 @@ measurement, export and inference the op is re-parameterized into one kxk conv p
 """
 
 
+import torch
 from timm.models.byobnet import LayerFn, RepVggBlock
 from torch import nn
 
@@ -32,9 +33,14 @@ class RepVgg(nn.Sequential):
         """Fuse every block's branches into a single kxk conv with bias, in place.
 
         The result equals the multi-branch op in eval mode (BN running statistics are folded),
-        so fuse after training; it cannot be trained back into branches.
+        so fuse after training; it cannot be trained back into branches. On the meta device
+        (an op built for its shapes only, e.g. for a roofline estimate) the fused weights are
+        made from shapes, without the arithmetic.
         """
         for block in self:
+            w = block.conv_kxk.conv.weight if block.reparam_conv is None else None
+            if w is not None and w.is_meta:
+                block._get_kernel_bias = lambda w=w: (torch.empty_like(w), w.new_empty(w.shape[0]))
             block.reparameterize()
 
     def zero_init_last(self) -> None:
