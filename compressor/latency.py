@@ -225,7 +225,12 @@ def layer_latencies(
     from tqdm import tqdm
 
     items = _items(split, arch_key, candidates)
-    missing = [it for it in items if (it[0], it[1], it[2]) not in lut]
+    missing, seen = [], set()
+    for it in items:  # layers with the same shapes share entries: each is measured once
+        key = (it[0], tuple(it[1]), tuple(it[2]))
+        if key not in seen and (it[0], it[1], it[2]) not in lut:
+            missing.append(it)
+            seen.add(key)
     if missing:
         if lut_path is None:
             raise latency_luts.LutError(_mismatch(split, lut, missing[0]))

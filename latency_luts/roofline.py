@@ -91,14 +91,44 @@ _UNARY = {getattr(_aten, n).default for n in (
     "_softmax", "_safe_softmax") if hasattr(_aten, n)}
 
 
+_BINARY = {_aten.add.Tensor, _aten.mul.Tensor, _aten.sub.Tensor, _aten.div.Tensor}
+
+
+def _conv_shape(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation) -> list[int]:
+    out = [x.shape[0], w.shape[0]]
+    for i, size in enumerate(x.shape[2:]):
+        k = dilation[i] * (w.shape[2 + i] - 1) + 1
+        out.append((size + 2 * padding[i] - k) // stride[i] + 1)
+    return out
+
+
 def _same_shape_output(func, args: tuple):
-    """The output of `func` on meta tensors where it is just the shape of its input (unary
-    activations, eval-mode batch norm), else None (the caller runs `func`)."""
+    """The output of `func` on meta tensors where its shape follows from its inputs' by a rule
+    (unary activations, norms, softmax, same-dtype broadcasting arithmetic, matrix products,
+    plain convolutions), else None (the caller runs `func`)."""
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or x.device.type != "meta":
         return None
     if func in _UNARY:
         return torch.empty_like(x)
+    if func in _BINARY:
+        y = args[1]
+        if isinstance(y, torch.Tensor) and y.dtype == x.dtype and len(args) == 2 and (
+                y.shape == x.shape or y.dim() <= x.dim()) and x.is_contiguous():
+            shape = torch.broadcast_shapes(x.shape, y.shape)
+            return torch.empty_like(x) if shape == x.shape else x.new_empty(shape)
+        return None
+    if func is _aten.clone.default and not args[1:]:
+        return x.new_empty(x.shape)  # contiguous, as clone of a dense tensor gives
+    if func in (_aten.mm.default, _aten.bmm.default) and x.is_contiguous():
+        return x.new_empty((*x.shape[:-1], args[1].shape[-1]))
+    if func is _aten.addmm.default and len(args) == 3:  # (bias, x, w)
+        return x.new_empty((args[1].shape[0], args[2].shape[1]))
+    if func is _aten.convolution.default:
+        _, w, _, stride, padding, dilation, transposed, _, _ = args
+        if transposed or not x.is_contiguous():
+            return None
+        return x.new_empty(_conv_shape(x, w, stride, padding, dilation))
     if func is _aten._native_batch_norm_legit_no_training.default:
         return torch.empty_like(x), x.new_empty(0), x.new_empty(0)
     if func is _aten.native_batch_norm.default:  # (out, save_mean, save_invstd)
