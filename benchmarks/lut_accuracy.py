@@ -13,6 +13,10 @@ The LUT is ``--lut FILE`` if given (read-only), else the shipped table
 ``latency_luts/tables/MODEL-TARGET.json`` if it was measured on this machine's device, else the
 work dir's LUT for the target (missing entries are measured first). The target's hardware must be
 here: an estimate cannot be checked against a measurement.
+
+The LUT sums are checked raw and, where the LUT has a calibration (or ``--calibrate-archs N``
+fits one on N other networks, not saved), calibrated; ``speedup_*`` compare each network's
+predicted speedup (its sum over the teacher's) with its measured one.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 
 import latency_luts
 from compressor.inputs import arch_key, candidate_ops
-from compressor.latency import layer_latencies, measure_model, resolve_target
+from compressor.latency import calibrate, layer_latencies, measure_model, resolve_target
 from compressor.recipe import load_recipe
 from compressor.split import TEACHER, split
 from compressor.store import Store, default_work_dir
@@ -58,6 +62,8 @@ def main(argv=None) -> dict:
     p.add_argument("--recipe", default="default", help="its pool gives the candidate ops")
     p.add_argument("--lut", default=None, help="a LUT file (read-only)")
     p.add_argument("--work-dir", default=None)
+    p.add_argument("--calibrate-archs", type=int, default=0,
+                   help="fit a calibration on this many other networks and report both errors")
     p.add_argument("--json", action="store_true", help="print only the JSON summary")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.json else logging.INFO,
@@ -73,8 +79,14 @@ def main(argv=None) -> dict:
     cands = candidate_ops(s, load_recipe(args.recipe).pool)
     store = Store(args.work_dir or default_work_dir())
     lut, lut_path = _pick_lut(args, store)
-    b, stem_ms, head_ms = layer_latencies(s, arch_key(name, net, s), cands, lut, lut_path,
-                                          progress=not args.json)
+    key = arch_key(name, net, s)
+    stored, lut.calibration = lut.calibration, None  # the raw sums first
+    b, stem_ms, head_ms = layer_latencies(s, key, cands, lut, lut_path, progress=not args.json)
+    cal = stored
+    if args.calibrate_archs:  # fitted on other networks than the ones checked below
+        cal = calibrate(s, key, cands, lut, None, args.calibrate_archs, seed=args.seed + 1,
+                        progress=not args.json)
+    lut.calibration = cal
 
     rng = random.Random(args.seed)
     archs = [[TEACHER] * len(s.layers)]
@@ -86,23 +98,44 @@ def main(argv=None) -> dict:
         model = s.assemble(choices).eval()
         m = measure_model(model, s.input_size, lut.target)
         err = 100.0 * (pred - m.ms) / m.ms
+        cal_pred = lut.network_ms(pred)
         rows.append({"choices": choices, "predicted_ms": pred, "measured_ms": m.ms,
-                     "spread_ms": m.spread_ms, "err_pct": err})
+                     "spread_ms": m.spread_ms, "err_pct": err,
+                     "calibrated_ms": cal_pred,
+                     "calibrated_err_pct": 100.0 * (cal_pred - m.ms) / m.ms})
         logging.info("%s %2d predicted %.3f ms measured %.3f ms (spread %.3f) error %+.1f %%",
                      "teacher" if n == 0 else "arch   ", n, pred, m.ms, m.spread_ms, err)
     errs = [abs(r["err_pct"]) for r in rows[1:]]
+    t = rows[0]
+
+    def speedup_errs(field: str) -> list[float]:  # predicted vs measured (arch / teacher)
+        return [100.0 * abs((r[field] / t[field]) / (r["measured_ms"] / t["measured_ms"]) - 1)
+                for r in rows[1:]]
+
     out = {
         "median_abs_err_pct": round(statistics.median(errs), 2),
         "max_abs_err_pct": round(max(errs), 2),
         "archs": len(errs),
         "mean_signed_err_pct": round(statistics.mean(r["err_pct"] for r in rows[1:]), 2),
         "teacher_err_pct": round(rows[0]["err_pct"], 2),
+        "speedup_median_abs_err_pct": round(statistics.median(speedup_errs("predicted_ms")), 2),
+        "speedup_max_abs_err_pct": round(max(speedup_errs("predicted_ms")), 2),
         "model": name,
         "target": lut.target.name,
         "device": lut.fingerprint.get("device"),
         "overhead_ms": lut.overhead_ms,
+        "calibration": cal,
         "lut": str(lut_path or args.lut or latency_luts.shipped_table(args.model, args.target)),
     }
+    if cal:
+        cerrs = [abs(r["calibrated_err_pct"]) for r in rows[1:]]
+        out |= {"calibrated_median_abs_err_pct": round(statistics.median(cerrs), 2),
+                "calibrated_max_abs_err_pct": round(max(cerrs), 2),
+                "calibrated_teacher_err_pct": round(rows[0]["calibrated_err_pct"], 2),
+                "calibrated_speedup_median_abs_err_pct":
+                    round(statistics.median(speedup_errs("calibrated_ms")), 2),
+                "calibrated_speedup_max_abs_err_pct":
+                    round(max(speedup_errs("calibrated_ms")), 2)}
     print(json.dumps(out) if args.json else json.dumps({**out, "rows": rows}, indent=1))
     return out
 

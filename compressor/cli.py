@@ -300,6 +300,45 @@ def lut_build(model, target, output, recipe, checkpoint, estimate, quiet):
     click.echo(f"wrote {output} ({len(table.entries)} entries, {kind})")
 
 
+@lut.command("calibrate")
+@click.argument("model")
+@click.option("--target", default="cpu", show_default=True)
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
+              help="The LUT file to calibrate (built first if it lacks entries).")
+@click.option("--archs", default=6, show_default=True, type=click.IntRange(3, 100),
+              help="Networks to measure end to end (the teacher, the fastest, random ones).")
+@click.option("--recipe", default="default", show_default=True)
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+@_handle_errors
+def lut_calibrate(model, target, output, archs, recipe, checkpoint, seed, quiet):
+    """Fit a LUT's calibration: whole networks measured end to end against their LUT sums.
+
+    Ops timed one at a time need not add up to the network they form (caches, the runtime's
+    work per call); the fitted scale and offset, stored in the LUT, take out what is common to
+    all ops. Needs the target's hardware here.
+
+    Example: hant lut calibrate tf_efficientnet_lite0 --target cpu -o lut.json
+    """
+    from .inputs import arch_key, candidate_ops
+    from .latency import calibrate, lut_for_build
+    from .recipe import load_recipe
+    from .split import split
+    from .teacher import load_teacher
+
+    _setup_logging(quiet)
+    net, name, _ = load_teacher(model, checkpoint=checkpoint, random_init=True)
+    s = split(net, model_name=name)
+    cands = candidate_ops(s, load_recipe(recipe).pool)
+    table = lut_for_build(output, target)
+    c = calibrate(s, arch_key(name, net, s), cands, table, output, archs, seed,
+                  progress=not quiet)
+    click.echo(f"calibrated {output} on {c['archs']} networks: scale {c['scale']:.4f}, offset "
+               f"{c['offset_ms']:.4f} ms; median error of the LUT sum "
+               f"{c['raw_median_abs_err_pct']:.1f} % -> {c['fit_median_abs_err_pct']:.1f} %")
+
+
 def _phase_command(name: str, doc: str):
     @hant.command(name, help=doc)
     @_run_options

@@ -23,7 +23,8 @@ from .search import min_latency
 from .split import TEACHER, Split, format_shape
 from .store import Store
 
-__all__ = ["resolve_target", "layer_latencies", "measure_model", "op_key", "can_measure",
+__all__ = ["resolve_target", "layer_latencies", "calibrate", "measure_model", "op_key",
+           "can_measure",
            "lut_for_build", "Latencies", "latency_table", "Measurer", "missing_entries"]
 
 _logger = logging.getLogger(__name__)
@@ -254,8 +255,19 @@ def layer_latencies(
     if lut.estimated:
         _logger.warning("latencies for target '%s' are roofline estimates, not measurements",
                         lut.target.name)
-    overhead = lut.overhead_ms or 0.0
-    stem_ms = lut.get(*items[0][:3]) + overhead
+    b, stem_ms, head_ms = _raw(split, arch_key, candidates, lut, items)
+    c = lut.calibration
+    if not c:
+        return b, stem_ms, head_ms
+    s, a = c["scale"], c["offset_ms"]
+    return ([{op: s * ms for op, ms in layer.items()} for layer in b], a + s * stem_ms,
+            s * head_ms)
+
+
+def _raw(split: Split, arch_key: str, candidates: dict[int, list[str]], lut: LUT,
+         items: list[tuple]) -> tuple[list[dict[str, float]], float, float]:
+    """(b[i][op], stem ms with the per-call overhead, head ms) as the LUT holds them."""
+    stem_ms = lut.get(*items[0][:3]) + (lut.overhead_ms or 0.0)
     head_ms = lut.get(*items[1][:3])
     b: list[dict[str, float]] = [{} for _ in split.layers]
     for i, ops in candidates.items():
@@ -263,6 +275,48 @@ def layer_latencies(
         for op in ops:
             b[i][op] = lut.get(op_key(split, arch_key, i, op), layer.in_shape, layer.out_shape)
     return b, stem_ms, head_ms
+
+
+def calibrate(split: Split, arch_key: str, candidates: dict[int, list[str]], lut: LUT,
+              lut_path: Path | None, archs: int = 6, seed: int = 0,
+              progress: bool = True) -> dict:
+    """Fit `lut`'s calibration (`LUT.network_ms`) on `archs` whole networks measured end to end
+    on the target: the teacher, the fastest network the candidates allow, and random ones (a
+    random candidate per layer, the same draw for the same `seed`); saved with the LUT when
+    `lut_path` is given (missing entries are measured first).
+
+    Raises:
+        LutError: the LUT is estimated (nothing to measure against), or read-only and lacks an
+            entry.
+        BackendUnavailableError: the target's hardware is not here.
+    """
+    import random
+
+    from tqdm import tqdm
+
+    if lut.estimated or not latency_luts.hardware_present(lut.target):
+        raise latency_luts.LutError(
+            f"target '{lut.target.name}' is not measured on this machine: a calibration needs "
+            "its hardware here (estimates are not calibrated)")
+    items = _items(split, arch_key, candidates)
+    if any((it[0], it[1], it[2]) not in lut for it in items):
+        layer_latencies(split, arch_key, candidates, lut, lut_path, progress)
+    b, stem_ms, head_ms = _raw(split, arch_key, candidates, lut, items)
+    rng = random.Random(seed)
+    n = len(split.layers)
+    choices = [[TEACHER] * n, [min(candidates[i], key=b[i].get) for i in range(n)]]
+    while len(choices) < max(archs, 3):
+        choices.append([rng.choice(candidates[i]) for i in range(n)])
+    predicted, measured = [], []
+    for arch in tqdm(choices, desc=f"calibrating LUT ({lut.target.name})", unit="network",
+                     disable=not progress):
+        predicted.append(stem_ms + head_ms + sum(b[i][op] for i, op in enumerate(arch)))
+        measured.append(measure_model(split.assemble(arch).eval(), split.input_size,
+                                      lut.target).ms)
+    lut.calibration = latency_luts.fit_calibration(predicted, measured) | {"seed": seed}
+    if lut_path is not None:
+        lut.save(lut_path)
+    return lut.calibration
 
 
 @dataclass
@@ -275,6 +329,7 @@ class Latencies:
     head_ms: float
     measured_entries: int = 0
     estimated: bool = False
+    calibration: dict | None = None  # the LUT's (`LUT.network_ms`), already applied to b
 
     @property
     def fixed_ms(self) -> float:
@@ -312,16 +367,24 @@ class Latencies:
 
     def to_dict(self) -> dict:
         return {"measured_entries": self.measured_entries, "cached": not self.measured_entries,
-                "estimated": self.estimated,
+                "estimated": self.estimated, "calibration": self.calibration,
                 "min_speedup": round(self.min_ms / self.teacher_ms, 4)}
 
 
 def latency_table(split: Split, arch_key: str, candidates: dict[int, list[str]], lut: LUT,
-                  lut_path: Path | None, progress: bool = True) -> Latencies:
-    """The LUT phase: every candidate's latency, measured or estimated where missing."""
+                  lut_path: Path | None, progress: bool = True,
+                  calibration_archs: int = 0) -> Latencies:
+    """The LUT phase: every candidate's latency, measured or estimated where missing; with
+    `calibration_archs`, a writable LUT measured here that has no calibration gets one
+    (`calibrate`) before the figures are read."""
     before = len(lut.entries)
     b, stem, head = layer_latencies(split, arch_key, candidates, lut, lut_path, progress)
-    return Latencies(b, stem, head, len(lut.entries) - before, lut.estimated)
+    if (calibration_archs and lut.calibration is None and lut_path is not None
+            and can_measure(lut, lut_path)):
+        calibrate(split, arch_key, candidates, lut, lut_path, calibration_archs,
+                  progress=progress)
+        b, stem, head = layer_latencies(split, arch_key, candidates, lut, lut_path, progress)
+    return Latencies(b, stem, head, len(lut.entries) - before, lut.estimated, lut.calibration)
 
 
 class Measurer:

@@ -85,7 +85,7 @@ def lut_step(run: RunInputs, check: bool = True) -> Latencies:
     is unreachable (`hant distill`, whose result does not depend on it, does not check)."""
     with run.phase("lut") as rec:
         lat = latency_table(run.split, run.arch_key, run.candidates, run.lut, run.lut_path,
-                            run.progress)
+                            run.progress, run.recipe.search.calibration_archs)
         rec.update(lat.to_dict())
     if lat.estimated:
         t = run.lut.target

@@ -106,6 +106,7 @@ class SearchCfg:
     verify_rounds: int = 3
     tolerance: float = 0.03
     refine_rounds: int = 0  # re-score every op in the best architecture's context, re-solve
+    calibration_archs: int = 6  # networks measured end to end to calibrate a new LUT (0: none)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from .backends import (
     list_backends,
     onnx_bytes,
 )
+from .calibration import fit_calibration
 from .fingerprint import environment_fingerprint
 from .hardware import cpu_model, device_name, gpu_name, hardware_present
 from .lut import FORMAT, LUT, VERSION, entry_key
@@ -45,6 +46,7 @@ __all__ = [
     "device_name",
     "entry_key",
     "environment_fingerprint",
+    "fit_calibration",
     "get_backend",
     "get_target",
     "gpu_name",

@@ -1,8 +1,8 @@
 """The LUT file: one latency entry per (op, input shape, output shape, batch, precision).
 
-Format (JSON, versioned, readable by a person), version 2::
+Format (JSON, versioned, readable by a person), version 3::
 
-    {"format": "hant-lut", "version": 2,
+    {"format": "hant-lut", "version": 3,
      "target": {...Target fields: name, backend, device, precision, batch, threads, ...},
      "fingerprint": {"device": "Intel(R) Xeon(R) ...", "onnxruntime": "1.31.1", "threads": 1,
                      "precision": "fp32", "batch": 1, "driver": null, ...},
@@ -19,6 +19,13 @@ onnxruntime: binding the input, allocating the output, the Python call; measured
 too, so a network's latency is ``overhead_ms + sum(ms of its ops)``; ``raw_ms`` is what was
 timed. ``spread_ms`` is p90 - p10 of the timed runs; estimates have ``runs`` 0.
 Version 1 files (no ``overhead_ms``, ``estimated``) are read with ``overhead_ms`` 0.
+
+Version 3 adds an optional ``"calibration"``: ``{"scale": s, "offset_ms": a, "archs": n, ...}``,
+fitted on n whole networks measured end to end on the same machine (``hant lut calibrate``), so
+that a network's latency is predicted as ``a + s * (overhead_ms + sum(ms of its ops))``
+(`LUT.network_ms`). Ops timed one at a time do not add up to the network exactly (caches, the
+runtime's work per call); the fit takes out what is common to all ops. Version 1 and 2 files are
+read as uncalibrated and written back as version 3.
 """
 
 from __future__ import annotations
@@ -36,8 +43,8 @@ from .target import Target
 __all__ = ["LUT", "FORMAT", "VERSION", "entry_key"]
 
 FORMAT = "hant-lut"
-VERSION = 2
-_READABLE = (1, 2)
+VERSION = 3
+_READABLE = (1, 2, 3)
 
 
 def _shape(s: Sequence[int]) -> str:
@@ -65,6 +72,7 @@ class LUT:
     fingerprint: dict = field(default_factory=dict)
     entries: dict[str, dict] = field(default_factory=dict)
     overhead_ms: float | None = None
+    calibration: dict | None = None
 
     def key(self, op: str, in_shape, out_shape) -> str:
         return entry_key(op, in_shape, out_shape, self.target.batch, self.target.precision)
@@ -98,6 +106,12 @@ class LUT:
         """True if any entry is a roofline estimate rather than a measurement."""
         return any(e.get("estimated") for e in self.entries.values())
 
+    def network_ms(self, sum_ms: float) -> float:
+        """A whole network's predicted latency from the sum of its entries (overhead
+        included): calibrated where the table has a calibration, else the sum itself."""
+        c = self.calibration
+        return sum_ms if not c else c["offset_ms"] + c["scale"] * sum_ms
+
     def ops_named(self, op: str) -> list[dict]:
         """The entries of op `op` (at any shape)."""
         return [e for e in self.entries.values() if e["op"] == op]
@@ -129,6 +143,7 @@ class LUT:
             "fingerprint": dict(self.fingerprint),
             "estimated": self.estimated,
             "overhead_ms": float(self.overhead_ms or 0.0),
+            **({"calibration": dict(self.calibration)} if self.calibration else {}),
             "entries": dict(sorted(self.entries.items())),
         }
 
@@ -161,12 +176,18 @@ class LUT:
                     raise ValueError(f"entry {k} is at another precision or batch than the "
                                      f"table's target ({target.precision}, b{target.batch})")
             overhead = float(d.get("overhead_ms", 0.0))
+            calibration = d.get("calibration")
+            if calibration is not None:
+                calibration = dict(calibration)
+                if not float(calibration["scale"]) > 0:
+                    raise ValueError("calibration scale is not positive")
+                float(calibration["offset_ms"])
         except (KeyError, TypeError, ValueError) as e:
             raise LutError(
                 f"{source} is a damaged LUT file ({e}); rebuild it with `hant lut build`"
             ) from e
         return cls(target=target, fingerprint=dict(d.get("fingerprint", {})), entries=entries,
-                   overhead_ms=overhead)
+                   overhead_ms=overhead, calibration=calibration)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temp file + rename): an interrupted save leaves the old file intact."""

@@ -48,6 +48,6 @@ def fast_recipe():
     r = r.override("pool", include=["identity", "efn_3x3_e1_se1.00", "cb_bottle_3x3_ex0.125",
                                     "mlp_e0.25"])
     r = r.override("distill", epochs=1, batch_size=8)
-    r = r.override("search", k=4, time_limit=10)
+    r = r.override("search", k=4, time_limit=10, calibration_archs=0)
     r = r.override("finetune", epochs=1, batch_size=8)
     return r.override("data", candidate_eval_images=8, batch_size=8)

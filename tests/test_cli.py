@@ -97,6 +97,19 @@ def test_lut_file_workflow(images, tmp_path, small_pool):
     res = CliRunner().invoke(hant, build)
     assert res.exit_code == 0 and "wrote" in res.output
     assert set(json.loads(lut.read_text())["entries"]) == before
+    # calibrated on networks measured end to end; the fit is stored in the file
+    res = CliRunner().invoke(hant, ["lut", "calibrate", "test_resnet", "-o", str(lut), "--quiet",
+                                    "--recipe", small_pool, "--archs", "3"])
+    assert res.exit_code == 0 and "calibrated" in res.output and "median error" in res.output
+    cal = json.loads(lut.read_text())["calibration"]
+    assert cal["archs"] == 3 and cal["scale"] > 0
+    res = CliRunner().invoke(hant, ["lut", "calibrate", "test_resnet", "-o", str(lut),
+                                    "--target", "v100", "--quiet", "--recipe", small_pool])
+    assert res.exit_code == 2 and "holds the LUT of target 'cpu'" in res.output
+    res = CliRunner().invoke(hant, ["lut", "calibrate", "test_resnet", "-o",
+                                    str(tmp_path / "v100.json"), "--target", "v100", "--quiet",
+                                    "--recipe", small_pool])
+    assert res.exit_code == 2 and "needs its hardware here" in res.output
 
 
 def test_a_bad_device_is_one_line_and_exit_2(tmp_path):
