@@ -7,6 +7,7 @@ Set ``HANT_DEBUG=1`` to see the full traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -38,12 +39,31 @@ def _handle_errors(fn):
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except OSError as e:
+            if e.errno not in _DISK_ERRNOS or os.environ.get("HANT_DEBUG"):
+                raise
+            click.echo(f"error: {_disk_error(e)}", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: finished work is saved; run the same command to resume",
                        err=True)
             sys.exit(130)
 
     return wrapper
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _disk_error(e: OSError) -> str:
+    """One line for a file system that refuses a write (full, read-only, not permitted)."""
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        todo = "free some space, or pass --work-dir / --output on another disk"
+    else:
+        todo = "make it writable, or pass --work-dir / --output elsewhere"
+    return (f"cannot write{where}: {e.strerror or os.strerror(e.errno)} ({todo}; finished "
+            "work is saved, run the same command again to resume)")
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -88,6 +108,9 @@ def _run_options(fn):
                           "[default: recipe runtime.device]."),
         click.option("--random-init", is_flag=True,
                      help="Allow a teacher with random weights (smoke tests only)."),
+        click.option("--layers", default=None, metavar="PATTERN[,PATTERN]",
+                     help="Module paths to use as the layers instead of the automatic cut "
+                          "(as `hant split --layers`); the written model records them."),
         click.option("--quiet", is_flag=True, help="No progress bars or phase messages."),
     ]
     for o in reversed(opts):
@@ -95,8 +118,12 @@ def _run_options(fn):
     return fn
 
 
+def _patterns(layers: str | None) -> list[str] | None:
+    return None if layers is None else [p.strip() for p in layers.split(",") if p.strip()]
+
+
 def _make_run(model, data, target, lut, speedup, search_method, distill_loss, checkpoint, recipe,
-              work_dir, val_data, k, device, random_init, quiet):
+              work_dir, val_data, k, device, random_init, quiet, layers=None):
     from .inputs import prepare
     from .recipe import default_recipe_name, load_recipe
 
@@ -114,7 +141,8 @@ def _make_run(model, data, target, lut, speedup, search_method, distill_loss, ch
     speedups = [v.strip() for v in str(speedup).split(",")]
     return prepare(model, data, target, speedups if len(speedups) > 1 else speedups[0],
                    lut=lut, checkpoint=checkpoint, recipe=recipe, work_dir=work_dir,
-                   val_data=val_data, random_init=random_init, progress=not quiet, k=k)
+                   val_data=val_data, random_init=random_init, progress=not quiet, k=k,
+                   layers=_patterns(layers))
 
 
 def _rank_zero() -> bool:
@@ -214,9 +242,8 @@ def split_cmd(model, layers, as_json):
     from .split import split
     from .teacher import load_teacher
 
-    patterns = None if layers is None else [p.strip() for p in layers.split(",") if p.strip()]
     net, name, _ = load_teacher(model, random_init=True)
-    s = split(net, model_name=name, layers=patterns)
+    s = split(net, model_name=name, layers=_patterns(layers))
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=1))
         return

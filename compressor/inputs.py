@@ -115,6 +115,7 @@ def prepare(
     input_size=None,
     progress: bool = True,
     k: int | None = None,
+    layers: list[str] | None = None,
 ) -> RunInputs:
     """Check and resolve a run's inputs; cheap checks first, so a bad input fails before any
     work (CompressorError and its kinds, with one line saying what to do)."""
@@ -134,7 +135,7 @@ def prepare(
     val_set = scan_images(val_data) if val_data is not None else None
     teacher, name, args = load_teacher(model, checkpoint=checkpoint, random_init=random_init)
     t0 = time.perf_counter()
-    s = split(teacher, input_size=input_size, model_name=name)
+    s = split(teacher, input_size=input_size, model_name=name, layers=layers)
     candidates = candidate_ops(s, recipe.pool)
     t1 = time.perf_counter()
     parts, data_cfg, train_cfg = _parts(teacher, s, data_set, val_set, recipe.data, runtime)

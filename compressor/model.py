@@ -42,6 +42,7 @@ class HantNet(TransformedNet):
         teacher_args: dict | None = None,
         input_size: Sequence[int] | None = None,
         channel_divisor: int = ops_pool.CHANNEL_DIVISOR,
+        layers: Sequence[str] | None = None,
         **kwargs,
     ):
         if not isinstance(teacher, str) or not timm.is_model(teacher):
@@ -53,7 +54,7 @@ class HantNet(TransformedNet):
         args.update({k: v for k, v in kwargs.items() if k in ("num_classes", "in_chans",
                                                               "global_pool")})
         net = timm.create_model(teacher, pretrained=False, **args)
-        s = split(net.eval(), input_size=input_size)
+        s = split(net.eval(), input_size=input_size, layers=layers)
         with ops_pool.channel_divisor(channel_divisor):
             built = s.assemble(list(choices))
         super().__init__(built.stem, list(built.layers), built.head, built.choices,
@@ -63,6 +64,7 @@ class HantNet(TransformedNet):
         self.num_features = getattr(net, "num_features", 0)
         self.teacher_name = teacher
         self.channel_divisor = channel_divisor
+        self.layer_patterns = s.patterns
 
 
 def _cfg(**kwargs) -> dict:

@@ -107,6 +107,8 @@ def save_pretrained(
             "input_size": list(input_size),
             "channel_divisor": getattr(model, "channel_divisor", ops_pool.get_channel_divisor()),
         }
+        if getattr(model, "layer_patterns", None) is not None:  # split with --layers
+            model_args["layers"] = list(model.layer_patterns)
         save_for_hf(model, str(tmp), model_args=model_args, safe_serialization=True)
         (tmp / "README.md").write_text(model_card(report, repo_id))
         if onnx:
@@ -169,7 +171,7 @@ def _load(path: Path, teacher: nn.Module | None) -> nn.Module:
         import timm
 
         return timm.create_model(f"local-dir:{path}", pretrained=True).eval()
-    s = split(teacher.eval(), input_size=args.get("input_size"))
+    s = split(teacher.eval(), input_size=args.get("input_size"), layers=args.get("layers"))
     with ops_pool.channel_divisor(args.get("channel_divisor", ops_pool.CHANNEL_DIVISOR)):
         model = s.assemble(args["choices"])
     model.load_state_dict(load_file(str(path / "model.safetensors")))

@@ -223,6 +223,7 @@ class Split:
         self.head = head
         self.input_size = tuple(input_size)
         self.teacher = teacher
+        self.patterns: list[str] | None = None  # the `layers` patterns that named the layers
 
     def __repr__(self) -> str:
         return f"Split({self.model_name!r}, layers={len(self.layers)})"
@@ -278,6 +279,7 @@ class Split:
         net = TransformedNet(copy.deepcopy(self.stem), ops, head, list(choices),
                              classifier=classifier)
         net.channel_divisor = ops_pool.get_channel_divisor()  # the widths the ops were built with
+        net.layer_patterns = self.patterns  # how to split the teacher again when loading
         for attr in ("num_classes", "num_features", "pretrained_cfg"):
             if hasattr(self.teacher, attr):
                 setattr(net, attr, copy.deepcopy(getattr(self.teacher, attr)))
@@ -445,7 +447,9 @@ def split(
                 "pass input_size= matching the model."
             ) from e
         if layers is not None:
-            return _split_named(model, name, size, [str(p) for p in layers], order, info)
+            named = _split_named(model, name, size, [str(p) for p in layers], order, info)
+            named.patterns = [str(p) for p in layers]
+            return named
         try:
             return _split_blocks(model, name, size, order, info)
         except SplitError as e:

@@ -265,3 +265,30 @@ def _tiny_run(tmp_path):
                       "search:\n  k: 2\n  verify_rounds: 1\nfinetune:\n  epochs: 1\n"
                       "  batch_size: 8\ndata:\n  candidate_eval_images: 4\n  batch_size: 8\n")
     return data, recipe
+
+
+def test_compress_with_named_layers_writes_a_model_that_loads(tmp_path):
+    """`compress --layers` splits as `hant split --layers` does, and the written model records
+    the patterns, so timm and compressor.load split the teacher the same way again."""
+    import json
+
+    import timm
+    import torch
+
+    import compressor
+
+    data, recipe = _tiny_run(tmp_path)
+    out = tmp_path / "named"
+    res = CliRunner().invoke(compress_main, [
+        "test_resnet", "--random-init", "--data", str(data), "--recipe", str(recipe),
+        "--speedup", "0.9", "--layers", "layer*", "--work-dir", str(tmp_path / "w"),
+        "--output", str(out), "--quiet", "--no-onnx"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_args"]["layers"] == ["layer*"]
+    assert len(cfg["model_args"]["choices"]) == 4  # layer1..layer4, not the 8 blocks
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        via_timm = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        via_load = compressor.load(out, teacher=timm.create_model("test_resnet"))
+        assert torch.allclose(via_timm(x), via_load(x), atol=1e-6)
