@@ -53,6 +53,8 @@ def test_compress_lite0_end_to_end(subset, tmp_path):
     # the real weights and the wnid -> index labels: the teacher is right on most images
     assert report["teacher"]["top1"] >= 70.0
     assert report["speedup"]["predicted"] <= 0.7 + 1e-9
+    # the new LUT was calibrated on networks measured end to end (search.calibration_archs)
+    assert report["phases"]["lut"]["calibration"]["archs"] == 6
     assert 0 < report["speedup"]["measured"] < 1.0
     assert report["student"]["agreement"] > 0
     x = torch.randn(1, 3, 224, 224)
