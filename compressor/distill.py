@@ -33,6 +33,7 @@ becomes NaN or infinite is marked failed with the reason, and the others go on.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -53,12 +54,12 @@ from torch import nn
 import ops_pool
 
 from . import _parallel
-from ._errors import DistillError
+from ._errors import ArtifactError, DistillError
 from .data import ImageSource
 from .recipe import DistillCfg
 from .runtime import Runtime
 from .split import TEACHER, Split
-from .store import Store
+from .store import Store, artifact_lock, discard
 
 __all__ = [
     "OpResult",
@@ -122,8 +123,13 @@ def load_op(split: Split, store: Store, root: Path, layer: int, op: str) -> nn.M
 def _done(store: Store, root: Path, layer: int, op: str) -> OpResult | None:
     weights, meta = _files(root, layer, op)
     if meta.is_file() and weights.is_file():
-        d = store.read_json(meta)
-        return OpResult(**d)
+        try:
+            d = store.read_json(meta)
+            store.load_tensors(weights)  # checked against its checksum
+            return OpResult(**d)
+        except ArtifactError as e:  # damaged on disk: trained again
+            discard(meta, e)
+            weights.unlink(missing_ok=True)
     return None
 
 
@@ -172,17 +178,21 @@ def distill(
         if world > 1:
             _check_ranks_agree(root, jobs, len(images))
         results: dict[tuple[int, str], OpResult] = {}
-        pending = []
-        for key in jobs[rank::world]:
-            done = _done(store, root, *key)
-            if done is None:
-                pending.append(key)
-            else:
-                results[key] = done
-        info = {"rank": rank, "trained": 0}
-        if pending:
-            info = _train_pending(split, pending, images, cfg, store, root, runtime, results,
-                                  progress=progress and rank == 0, shard=(rank, world))
+        # one process trains a work dir's pool at a time (the ranks of one launch share it out
+        # instead); a second run waits, then finds the ops written
+        with artifact_lock(root) if world == 1 else contextlib.nullcontext():
+            pending = []
+            for key in jobs[rank::world]:
+                done = _done(store, root, *key)
+                if done is None:
+                    pending.append(key)
+                else:
+                    results[key] = done
+            info = {"rank": rank, "trained": 0}
+            if pending:
+                info = _train_pending(split, pending, images, cfg, store, root, runtime,
+                                      results, progress=progress and rank == 0,
+                                      shard=(rank, world))
         if world > 1:
             _parallel.barrier(device)
             results = _read_all(store, root, jobs)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._errors import ArtifactError
 from .data import ImageSource
 from .recipe import DataCfg, FitnessCfg
 from .runtime import Runtime
@@ -68,7 +69,11 @@ class Fitness:
 
     @classmethod
     def load(cls, store, path) -> Fitness:
-        return cls.from_dict(store.read_json(path))
+        try:
+            return cls.from_dict(store.read_json(path))
+        except TypeError as e:  # parsed, but not a fitness table
+            raise ArtifactError(f"work-dir artifact {path} is not a fitness table ({e}); "
+                                "delete it and run again") from e
 
 
 @torch.no_grad()

@@ -68,8 +68,13 @@ def resolve_target(
     t = latency_luts.get_target(target)
     estimate = not latency_luts.hardware_present(t)
     path = store.path("luts", f"{t.name}{'-estimate' if estimate else ''}.json")
+    table = None
     if path.exists():
-        table = LUT.load(path)
+        try:
+            table = LUT.load(path)
+        except (latency_luts.LutError, ValueError) as e:  # damaged on disk: measured again
+            _logger.warning("%s; starting a new LUT", str(e).split("; delete it")[0])
+    if table is not None:
         here = latency_luts.device_name(t)
         if table.target != t:
             _logger.warning("target profile '%s' changed; starting a new LUT", t.name)

@@ -7,8 +7,9 @@ under a key of what it depends on, so a second run reuses it and an interrupted 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 import ops_pool
+from latency_luts import LUT, LutError
 
 from .complexity import complexity
 from .distill import ENGINE_VERSION
@@ -28,7 +30,7 @@ from .pool import Pool, distill_pool
 from .redistill import redistill
 from .selection import Selection, select_architecture
 from .split import TEACHER
-from .store import cached, digest
+from .store import artifact_lock, cached, digest
 
 __all__ = ["Result", "Steps", "Student", "compress", "run_all", "run_steps", "lut_step",
            "distill_step", "fitness_step", "search_step", "redistill_step", "finetune_step",
@@ -83,7 +85,7 @@ class Student:
 def lut_step(run: RunInputs, check: bool = True) -> Latencies:
     """b_ij for every candidate, stem and head; with `check`, fails in seconds if the speedup
     is unreachable (`hant distill`, whose result does not depend on it, does not check)."""
-    with run.phase("lut") as rec:
+    with run.phase("lut") as rec, _lut_lock(run):
         lat = latency_table(run.split, run.arch_key, run.candidates, run.lut, run.lut_path,
                             run.progress, run.recipe.search.calibration_archs)
         rec.update(lat.to_dict())
@@ -94,6 +96,28 @@ def lut_step(run: RunInputs, check: bool = True) -> Latencies:
     if check:
         lat.check_reachable(run.speedup, run.teacher_name, run.lut.target.name)
     return lat
+
+
+@contextlib.contextmanager
+def _lut_lock(run: RunInputs) -> Iterator[None]:
+    """The work dir's LUT locked while it grows; what another run on the same work dir has
+    measured meanwhile is taken in first, so no entry is measured or written twice."""
+    if run.lut_path is None:  # a LUT file given by the user is only read
+        yield
+        return
+    with artifact_lock(run.lut_path):
+        if run.lut_path.exists():
+            try:
+                disk = LUT.load(run.lut_path)
+            except (LutError, ValueError):
+                disk = None  # damaged: warned about when the run started, measured again
+            if disk is not None and disk.target == run.lut.target:
+                for k, v in disk.entries.items():
+                    run.lut.entries.setdefault(k, v)
+                for name in ("overhead_ms", "calibration"):
+                    if getattr(run.lut, name) is None:
+                        setattr(run.lut, name, getattr(disk, name))
+        yield
 
 
 def distill_step(run: RunInputs, lat: Latencies | None) -> Pool:
