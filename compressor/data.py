@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError,
                   Image.DecompressionBombError)
 
+_DRAFT_PX = 1024
 _WNIDS: dict[str, int] | None = None
 
 
@@ -75,6 +77,19 @@ class ImageSet:
         return h.hexdigest()[:16]
 
 
+def _walk(root: Path):
+    """`os.walk` into symlinked class folders too, each real folder once (a link to a folder
+    above it would otherwise repeat its images until the path is too long)."""
+    seen: set[str] = set()
+    for d, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield d, dirs, files
+
+
 def scan_images(root: str | Path) -> ImageSet:
     """Find images in an ImageFolder (wnid sub-folders) or a flat folder."""
     root = Path(root)
@@ -84,7 +99,7 @@ def scan_images(root: str | Path) -> ImageSet:
         raise DataError(f"--data {root} is not a folder; pass a folder of images")
     paths = sorted(
         Path(d) / f
-        for d, _, files in os.walk(root, followlinks=True)  # symlinked class folders too
+        for d, _, files in _walk(root)
         for f in files
         if Path(f).suffix.lower() in IMAGE_EXTENSIONS
     )
@@ -161,8 +176,13 @@ class _Files(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int | None]):
         pos, seed = key
         try:
-            with Image.open(self.paths[pos]) as im:
-                im = im.convert("RGB")
+            with warnings.catch_warnings():
+                # a huge image is decoded or refused (DecompressionBombError), not warned of;
+                # a huge JPEG decodes at a reduced scale, still over twice any crop timm takes
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(self.paths[pos]) as im:
+                    im.draft("RGB", (_DRAFT_PX, _DRAFT_PX))
+                    im = im.convert("RGB")
             if seed is None:
                 x = self.transform(im)
             else:

@@ -3,6 +3,7 @@ it back; upload a written folder to the Hugging Face Hub."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -95,6 +96,7 @@ def save_pretrained(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    _remove_stale(out_dir)
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
@@ -129,6 +131,24 @@ def save_pretrained(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _remove_stale(out_dir: Path) -> None:
+    """The partial or old folders of `out_dir` that a killed run left (its process is gone)."""
+    for p in out_dir.parent.glob(f".{out_dir.name}.*-*"):
+        kind, _, pid = p.name.rpartition("-")
+        if kind.endswith((".partial", ".old")) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _readable(folder: Path) -> None:
@@ -223,17 +243,31 @@ def push_to_hub(
         message = commit_message or headline(report)
     api = api or HfApi(token=token, library_name="hant-compressor")
     try:
-        repo = api.create_repo(repo_id, private=private, exist_ok=True)
-        repo_id = getattr(repo, "repo_id", repo_id)
-        if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder),
-                                 commit_message=message, revision=revision)
+        with _hub_errors_only():
+            repo = api.create_repo(repo_id, private=private, exist_ok=True)
+            repo_id = getattr(repo, "repo_id", repo_id)
+            if revision:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=str(folder),
+                                     commit_message=message, revision=revision)
     except _HUB_ERRORS as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"upload to {repo_id} failed: {first} (the folder is written at "
                          f"{folder}; run `hant push {folder} {repo_id}` to try again)") from e
     return str(getattr(info, "commit_url", info))
+
+
+@contextlib.contextmanager
+def _hub_errors_only():
+    """huggingface_hub retries a failed request (5 times, with backoff) and logs a warning
+    line for each try; the upload's one line says whether it failed in the end."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(level)
 
 
 def check_repo_id(repo_id: str) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging
+import pickle
+import re
 from pathlib import Path
 
 import timm
@@ -77,9 +79,33 @@ def _load_file(model: nn.Module, path: Path, remap: bool) -> None:
     try:
         timm.models.load_checkpoint(model, str(path), strict=True, remap=remap, weights_only=True)
     except Exception as e:  # torch / safetensors raise many types for a bad file
+        if isinstance(e, pickle.UnpicklingError) or isinstance(
+                e.__cause__, pickle.UnpicklingError) or "Unsupported global" in str(e):
+            found = re.search(r"Unsupported globals?: ([\w.]+?)\.?(?:\s|$)", str(e))
+            what = f" ({found.group(1)})" if found else ""
+            raise ModelError(  # objects beyond tensors are never unpickled here
+                f"cannot load checkpoint {path}: it holds pickled Python objects{what}, and "
+                "only tensors are loaded; save the weights alone, as safetensors or with "
+                "torch.save(model.state_dict(), path)"
+            ) from None
         raise ModelError(
-            f"cannot load checkpoint {path} into {type(model).__name__}: {str(e).splitlines()[0]}"
+            f"cannot load checkpoint {path} into {type(model).__name__}: {_first_problem(e)}"
         ) from e
+
+
+def _first_problem(e: Exception) -> str:
+    """The first missing, unexpected or mismatched key of a ``load_state_dict`` error (whose
+    first line names none), else the error's first line."""
+    text = str(e)
+    for pattern, what in ((r'Missing key\(s\) in state_dict: "([^"]+)"', "missing key"),
+                          (r'Unexpected key\(s\) in state_dict: "([^"]+)"', "unexpected key"),
+                          (r"size mismatch for ([^:]+): (.*?)\.?$", "shape mismatch for")):
+        m = re.search(pattern, text, re.MULTILINE)
+        if m:
+            detail = f" ({m.group(2)})" if m.lastindex and m.lastindex > 1 else ""
+            return (f"{what} '{m.group(1)}'{detail}; is it a checkpoint of this architecture "
+                    "(the MODEL argument)?")
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_teacher(

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,13 +18,20 @@ class FakeHub:
     """Create repo, branch, validate YAML, preupload, commit (files arrive inline: "regular"
     upload mode), and HEAD/GET ``/{repo}/resolve/{revision}/{path}``. Files are stored under
     ``root/ORG/NAME/REVISION/``. `requests` records (method, path, authorization header, body
-    as JSON or None) of every call; `commits` the header of every commit."""
+    as JSON or None) of every call; `commits` the header of every commit.
 
-    def __init__(self, root: Path, fail_with: int | None = None):
+    `fail_with` (an HTTP status, or ``"drop"``: close the connection without a reply) fails
+    every POST, or with `fail_on` only those whose path contains it (``"commit"``: the upload
+    gets as far as its last request); `failed` says whether it did."""
+
+    def __init__(self, root: Path, fail_with: int | str | None = None,
+                 fail_on: str | None = None):
         self.root = Path(root)
         self.requests: list[tuple[str, str, str | None, object]] = []
         self.commits: list[dict] = []
         self.fail_with = fail_with
+        self.fail_on = fail_on
+        self.failed = False
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -50,7 +58,12 @@ class FakeHub:
                     parsed = json.loads(body)
                 hub.requests.append(("POST", self.path, self.headers.get("authorization"),
                                      parsed))
-                if hub.fail_with:
+                if hub.fail_with and (hub.fail_on is None or hub.fail_on in self.path):
+                    hub.failed = True
+                    if hub.fail_with == "drop":
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return None
                     return self._send(hub.fail_with, b'{"error": "Invalid credentials"}',
                                       {"Content-Type": "application/json"})
                 base = f"http://127.0.0.1:{self.server.server_port}"
