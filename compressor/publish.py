@@ -17,6 +17,7 @@ from timm.models import save_for_hf
 from torch import nn
 
 import ops_pool
+from latency_luts.files import full_disk_error
 
 from ._errors import ModelError
 from .card import commit_message as headline
@@ -127,8 +128,11 @@ def save_pretrained(
         tmp.rename(out_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
+        full = full_disk_error(e, out_dir)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from e
         raise
     return out_dir
 

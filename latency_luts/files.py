@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "full_disk_error"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -23,8 +24,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         write(Path(tmp))
         os.chmod(tmp, 0o644)  # mkstemp makes 0600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = full_disk_error(e, path)  # before the temp file frees its space
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if full is not None:
+            raise full from e
         raise
     return path
+
+
+def full_disk_error(e: BaseException, path: str | os.PathLike) -> OSError | None:
+    """An ``OSError(ENOSPC)`` naming `path` when `e`, raised while writing it, is a full disk
+    that the writer reported as its own error type (torch.save and safetensors do); else None.
+    """
+    if isinstance(e, OSError) or not isinstance(e, Exception):
+        return None
+    said = os.strerror(errno.ENOSPC) in str(e) or f"os error {errno.ENOSPC})" in str(e)
+    try:
+        st = os.statvfs(Path(path).parent)
+        full = st.f_bavail * st.f_frsize < 64 << 10
+    except OSError:
+        full = False
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) if said or full else None
