@@ -19,9 +19,10 @@ import latency_luts
 import ops_pool
 from latency_luts import LUT, Target
 
+from ._errors import ArtifactError
 from .search import min_latency
 from .split import TEACHER, Split, format_shape
-from .store import Store
+from .store import Store, check_seal
 
 __all__ = ["resolve_target", "layer_latencies", "calibrate", "measure_model", "op_key",
            "can_measure",
@@ -71,8 +72,9 @@ def resolve_target(
     table = None
     if path.exists():
         try:
+            check_seal(path)
             table = LUT.load(path)
-        except (latency_luts.LutError, ValueError) as e:  # damaged on disk: measured again
+        except (latency_luts.LutError, ArtifactError, ValueError) as e:  # damaged: measured again
             _logger.warning("%s; starting a new LUT", str(e).split("; delete it")[0])
     if table is not None:
         here = latency_luts.device_name(t)

@@ -30,7 +30,7 @@ from .pool import Pool, distill_pool
 from .redistill import redistill
 from .selection import Selection, select_architecture
 from .split import TEACHER
-from .store import artifact_lock, cached, digest
+from .store import artifact_lock, cached, digest, seal, unseal
 
 __all__ = ["Result", "Steps", "Student", "compress", "run_all", "run_steps", "lut_step",
            "distill_step", "fitness_step", "search_step", "redistill_step", "finetune_step",
@@ -117,7 +117,10 @@ def _lut_lock(run: RunInputs) -> Iterator[None]:
                 for name in ("overhead_ms", "calibration"):
                     if getattr(run.lut, name) is None:
                         setattr(run.lut, name, getattr(disk, name))
+        unseal(run.lut_path)  # it may grow now; sealed again once complete
         yield
+        if run.lut_path.exists():
+            seal(run.lut_path)
 
 
 def distill_step(run: RunInputs, lat: Latencies | None) -> Pool:

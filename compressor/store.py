@@ -21,7 +21,7 @@ from latency_luts.files import atomic_write
 from ._errors import ArtifactError
 
 __all__ = ["Store", "atomic_write", "cached", "digest", "tensor_digest", "default_work_dir",
-           "artifact_lock", "discard"]
+           "artifact_lock", "discard", "seal", "unseal", "check_seal"]
 
 T = TypeVar("T")
 _logger = logging.getLogger(__name__)
@@ -115,6 +115,29 @@ def artifact_lock(path: str | os.PathLike) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_name(path.name + ".lock"))):
         yield
+
+
+def seal(path: str | os.PathLike) -> None:
+    """Write ``PATH.sha256`` beside a file another package writes (the work dir's LUT), for
+    `check_seal`; `unseal` first when the file is about to change."""
+    path = Path(path)
+    digest_ = hashlib.sha256(path.read_bytes()).hexdigest()
+    atomic_write(path.with_name(path.name + ".sha256"), lambda p: p.write_text(digest_))
+
+
+def unseal(path: str | os.PathLike) -> None:
+    Path(path).with_name(Path(path).name + ".sha256").unlink(missing_ok=True)
+
+
+def check_seal(path: str | os.PathLike) -> None:
+    """ArtifactError if `path` no longer matches its ``.sha256`` (none: not checked; a run
+    killed while the file grew leaves none)."""
+    path = Path(path)
+    side = path.with_name(path.name + ".sha256")
+    if side.is_file() and side.read_text().strip() != hashlib.sha256(
+            path.read_bytes()).hexdigest():
+        raise ArtifactError(f"work-dir artifact {path} is corrupt (checksum mismatch); "
+                            "delete it and run again")
 
 
 def discard(path: str | os.PathLike, error: Exception) -> None:

@@ -83,7 +83,7 @@ def test_damaged_json_and_tensor_files_are_detected(tmp_path):
     import torch
 
     from compressor._errors import ArtifactError
-    from compressor.store import Store
+    from compressor.store import Store, check_seal, seal
 
     store = Store(tmp_path)
     js, ts = tmp_path / "a.json", tmp_path / "t.safetensors"
@@ -96,6 +96,14 @@ def test_damaged_json_and_tensor_files_are_detected(tmp_path):
             store.read_json(path) if path.suffix == ".json" else store.load_tensors(path)
         path.write_bytes(good)
     assert store.read_json(js) == {"a": [0.125, 2.5]}
+    # a file another package writes (the work dir's LUT) is sealed beside it
+    lut = tmp_path / "lut.json"
+    lut.write_text('{"entries": {"op": {"ms": 0.125}}}')
+    seal(lut)
+    check_seal(lut)
+    fm.damage(lut, "flip-digit")
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        check_seal(lut)
 
 
 def test_odd_image_files_are_decoded_or_skipped_and_counted(tmp_path):
