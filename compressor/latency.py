@@ -305,10 +305,10 @@ def calibrate(split: Split, arch_key: str, candidates: dict[int, list[str]], lut
         raise latency_luts.LutError(
             f"target '{lut.target.name}' is not measured on this machine: a calibration needs "
             "its hardware here (estimates are not calibrated)")
-    items = _items(split, arch_key, candidates)
-    if any((it[0], it[1], it[2]) not in lut for it in items):
+    if missing_entries(split, arch_key, candidates, lut):
         layer_latencies(split, arch_key, candidates, lut, lut_path, progress)
-    b, stem_ms, head_ms = _raw(split, arch_key, candidates, lut, items)
+    b, stem_ms, head_ms = _raw(split, arch_key, candidates, lut,
+                               _items(split, arch_key, candidates))
     rng = random.Random(seed)
     n = len(split.layers)
     choices = [[TEACHER] * n, [min(candidates[i], key=b[i].get) for i in range(n)]]
