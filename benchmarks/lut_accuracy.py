@@ -3,7 +3,9 @@
 Draws random architectures from the pool (a random candidate op per layer), predicts each one's
 latency as ``stem + head + sum of its ops`` from the LUT (entries net of the backend's per-call
 overhead, which the stem figure carries once), measures the assembled network end to end on the
-same backend, and prints the error statistics as JSON.
+same backend, in alternation with the teacher (``--rounds``, `latency_luts.measure_paired`, so
+that the measured speedup holds while the machine's speed drifts), and prints the error
+statistics as JSON.
 
 Usage::
 
@@ -32,7 +34,7 @@ import torch
 
 import latency_luts
 from compressor.inputs import arch_key, candidate_ops
-from compressor.latency import calibrate, layer_latencies, measure_model, resolve_target
+from compressor.latency import Measurer, calibrate, layer_latencies, resolve_target
 from compressor.recipe import load_recipe
 from compressor.split import TEACHER, split
 from compressor.store import Store, default_work_dir
@@ -46,10 +48,13 @@ def _pick_lut(args, store: Store):
     if shipped is not None:
         lut = latency_luts.LUT.load(shipped)
         here = latency_luts.device_name(lut.target)
-        if lut.fingerprint.get("device") == here:
+        timing = lut.fingerprint.get("timing", "")
+        if lut.fingerprint.get("device") == here and timing == latency_luts.timing_method(
+                lut.target):
             return lut, None
-        logging.warning("shipped LUT %s was measured on %s, not on this %s; using the work dir's",
-                        shipped, lut.fingerprint.get("device"), here)
+        logging.warning("shipped LUT %s was measured on %s (timing %r), not on this %s (timing "
+                        "%r); using the work dir's", shipped, lut.fingerprint.get("device"),
+                        timing, here, latency_luts.timing_method(lut.target))
     return resolve_target(args.target, store)
 
 
@@ -64,6 +69,8 @@ def main(argv=None) -> dict:
     p.add_argument("--work-dir", default=None)
     p.add_argument("--calibrate-archs", type=int, default=0,
                    help="fit a calibration on this many other networks and report both errors")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="alternating rounds of each network with the teacher")
     p.add_argument("--json", action="store_true", help="print only the JSON summary")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.json else logging.INFO,
@@ -93,24 +100,28 @@ def main(argv=None) -> dict:
     while len(archs) < args.archs + 1:
         archs.append([rng.choice(cands[i]) for i in range(len(s.layers))])
     rows = []
+    measurer = Measurer(lut, lut_path, net, s.input_size)
+    if not measurer.here:
+        sys.exit(f"the LUT was made on {lut.fingerprint.get('device')}, not on this machine: "
+                 "its sums cannot be checked here")
     for n, choices in enumerate(archs):
         pred = stem_ms + head_ms + sum(b[i][op] for i, op in enumerate(choices))
-        model = s.assemble(choices).eval()
-        m = measure_model(model, s.input_size, lut.target)
-        err = 100.0 * (pred - m.ms) / m.ms
+        # in alternation with the teacher: the measured speedup holds on a drifting machine
+        pm = measurer.paired(s.assemble(choices).eval(), rounds=args.rounds)
+        err = 100.0 * (pred - pm.b_ms) / pm.b_ms
         cal_pred = lut.network_ms(pred)
-        rows.append({"choices": choices, "predicted_ms": pred, "measured_ms": m.ms,
-                     "spread_ms": m.spread_ms, "err_pct": err,
+        rows.append({"choices": choices, "predicted_ms": pred, "measured_ms": pm.b_ms,
+                     "teacher_measured_ms": pm.a_ms, "measured_speedup": pm.ratio,
+                     "ratio_spread": pm.ratio_spread, "err_pct": err,
                      "calibrated_ms": cal_pred,
-                     "calibrated_err_pct": 100.0 * (cal_pred - m.ms) / m.ms})
-        logging.info("%s %2d predicted %.3f ms measured %.3f ms (spread %.3f) error %+.1f %%",
-                     "teacher" if n == 0 else "arch   ", n, pred, m.ms, m.spread_ms, err)
+                     "calibrated_err_pct": 100.0 * (cal_pred - pm.b_ms) / pm.b_ms})
+        logging.info("%s %2d predicted %.3f ms measured %.3f ms (teacher %.3f) error %+.1f %%",
+                     "teacher" if n == 0 else "arch   ", n, pred, pm.b_ms, pm.a_ms, err)
     errs = [abs(r["err_pct"]) for r in rows[1:]]
     t = rows[0]
 
     def speedup_errs(field: str) -> list[float]:  # predicted vs measured (arch / teacher)
-        return [100.0 * abs((r[field] / t[field]) / (r["measured_ms"] / t["measured_ms"]) - 1)
-                for r in rows[1:]]
+        return [100.0 * abs((r[field] / t[field]) / r["measured_speedup"] - 1) for r in rows[1:]]
 
     out = {
         "median_abs_err_pct": round(statistics.median(errs), 2),

@@ -42,7 +42,7 @@ from pathlib import Path
 from compressor.baseline import drop_blocks
 from compressor.evaluate import evaluate, predict
 from compressor.inputs import prepare
-from compressor.latency import Measurer
+from compressor.latency import Measurer, can_measure, measure_pair
 from compressor.pipeline import evaluate_step, finetune_step, run_steps
 from compressor.recipe import default_recipe_name, load_recipe
 from compressor.teacher import load_teacher
@@ -65,8 +65,7 @@ def run_speedup(model: str, data: Path, target: str, speedup: float, work_dir: P
                   work_dir=work_dir, progress=False)
     st = run_steps(run)
     lat, pool, fit, sel, scores = st.lat, st.pool, st.fit, st.sel, st.scores
-    t_ms = sel.teacher_measured_ms
-    measured = sel.measured_ms / t_ms if sel.measured_ms and t_ms else None
+    measured = sel.measured_speedup  # timed in alternation with the teacher
     student_seconds = round(time.perf_counter() - t0, 1)  # what `compress` alone would take
 
     # the baseline drops blocks down to the student's *measured* speedup (in LUT terms), so the
@@ -76,8 +75,7 @@ def run_speedup(model: str, data: Path, target: str, speedup: float, work_dir: P
     b_student = finetune_step(run, pool, base.choices)
     b_scores = evaluate_step(run, b_student.model)
     measurer = Measurer(run.lut, run.lut_path, run.teacher, run.input_size)
-    b_ms = measurer.student_ms(pool.assemble(base.choices))
-    b_t_ms = measurer.teacher_ms()
+    b_pm = measurer.paired(pool.assemble(base.choices))
     return {
         "requested": speedup,
         "measured": measured,
@@ -86,7 +84,7 @@ def run_speedup(model: str, data: Path, target: str, speedup: float, work_dir: P
         "agreement": scores["student"].get("agreement"),
         "baseline_top1": b_scores["student"]["top1"],
         "baseline_agreement": b_scores["student"].get("agreement"),
-        "baseline_measured": b_ms / b_t_ms if b_ms and b_t_ms else None,
+        "baseline_measured": b_pm.ratio if b_pm else None,
         "baseline_reached": base.reached,
         "eval_images": scores["student"]["images"],
         "seconds": round(time.perf_counter() - t0, 1),
@@ -103,18 +101,17 @@ def run_versus(model: str, smaller: str, data: Path, target: str, work_dir: Path
     t0 = time.perf_counter()
     small_run = prepare(smaller, data, target, 0.5, work_dir=work_dir, progress=False)
     big_run = prepare(model, data, target, 0.5, work_dir=work_dir, progress=False)
-    m_small = Measurer(small_run.lut, small_run.lut_path, small_run.teacher,
-                       small_run.input_size).teacher_ms()
-    m_big = Measurer(big_run.lut, big_run.lut_path, big_run.teacher,
-                     big_run.input_size).teacher_ms()
-    if not (m_small and m_big):
+    if not (can_measure(small_run.lut, small_run.lut_path)
+            and can_measure(big_run.lut, big_run.lut_path)):
         raise SystemExit(f"--versus measures both models end to end; target {target!r}'s "
                          "hardware is not here")
-    row = run_speedup(model, data, target, round(m_small / m_big, 3), work_dir, recipe)
+    pm = measure_pair(big_run.teacher, big_run.input_size, small_run.teacher,  # in alternation
+                      small_run.input_size, big_run.lut.target)
+    row = run_speedup(model, data, target, round(pm.ratio, 3), work_dir, recipe)
     # the smaller model on the same held-out files, through its own eval transform
     small = evaluate(predict(small_run.teacher, small_run.parts["eval"], small_run.runtime))
     return row | {"versus": smaller, "versus_top1": small["top1"],
-                  "versus_latency_ratio": m_small / m_big,
+                  "versus_latency_ratio": pm.ratio,
                   "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -26,7 +26,8 @@ from .store import Store, check_seal
 
 __all__ = ["resolve_target", "layer_latencies", "calibrate", "measure_model", "op_key",
            "can_measure",
-           "lut_for_build", "Latencies", "latency_table", "Measurer", "missing_entries"]
+           "lut_for_build", "Latencies", "latency_table", "Measurer", "measure_pair",
+           "missing_entries"]
 
 _logger = logging.getLogger(__name__)
 
@@ -86,6 +87,12 @@ def resolve_target(
                             "starting a new LUT", t.name, table.fingerprint.get("measured_on"),
                             here)
             table = LUT(t)
+        elif (table.entries and not table.estimated
+              and table.fingerprint.get("timing", "") != latency_luts.timing_method(t)):
+            _logger.warning("the work dir's LUT for '%s' was timed the way of an older version "
+                            "(%s); measuring it again", t.name,
+                            table.fingerprint.get("timing") or "outputs copied on every call")
+            table = LUT(t)
     else:
         table = LUT(t)
     return table, path
@@ -143,6 +150,19 @@ def measure_model(model: nn.Module, input_size, target: Target,
     """
     backend = latency_luts.get_backend(target, allow_estimate=allow_estimate)
     return backend.measure(_deploy(model), tuple(input_size))
+
+
+def measure_pair(a: nn.Module, a_size, b: nn.Module, b_size, target: Target,
+                 rounds: int = 5) -> latency_luts.PairedMeasurement:
+    """Networks `a` and `b` (inputs `a_size`, `b_size`) timed in alternation on `target`:
+    ``ratio`` (b / a) holds on a machine whose speed drifts (`latency_luts.measure_paired`).
+
+    Raises:
+        BackendUnavailableError: the target's hardware or backend is not here.
+    """
+    backend = latency_luts.get_backend(target)
+    return latency_luts.measure_paired(backend.timer(_deploy(a), tuple(a_size)),
+                                       backend.timer(_deploy(b), tuple(b_size)), rounds)
 
 
 def _deploy(module: nn.Module) -> nn.Module:
@@ -402,6 +422,7 @@ class Measurer:
         self.lut, self.input_size, self.teacher = lut, tuple(input_size), teacher
         self.here = can_measure(lut, lut_path)
         self._teacher_ms: float | None = None
+        self._teacher_timer = None
 
     def teacher_ms(self) -> float | None:
         if self.here and self._teacher_ms is None:
@@ -412,3 +433,18 @@ class Measurer:
         if not self.here:
             return None
         return measure_model(model, self.input_size, self.lut.target).ms
+
+    def paired(self, model: nn.Module, rounds: int = 5) -> latency_luts.PairedMeasurement | None:
+        """`model` and the teacher timed in alternation (`latency_luts.measure_paired`, the
+        teacher as ``a``): ``ratio`` is the measured speedup, which holds on a machine whose
+        speed drifts between two measurements minutes apart (None where the hardware is not
+        here)."""
+        if not self.here:
+            return None
+        backend = latency_luts.get_backend(self.lut.target)
+        if self._teacher_timer is None:  # its session is made once, for every student
+            self._teacher_timer = backend.timer(_deploy(self.teacher), self.input_size)
+        pm = latency_luts.measure_paired(self._teacher_timer,
+                                         backend.timer(_deploy(model), self.input_size), rounds)
+        self._teacher_ms = pm.a_ms
+        return pm

@@ -269,7 +269,7 @@ def build_report(run: RunInputs, lat: Latencies, pool: Pool, sel: Selection,
         "speedup": {
             "requested": run.speedup,
             "predicted": s_pred / lat.teacher_ms,
-            "measured": (s_meas / t_meas) if (s_meas and t_meas) else None,
+            "measured": sel.measured_speedup,
             "min_reachable": lat.min_ms / lat.teacher_ms,
         },
         "eval_images": scores["student"]["images"],

@@ -39,7 +39,6 @@ class Selection:
     rounds: list[dict]
     prefilter: dict
     method: str
-    teacher_measured_ms: float | None = None
     front: dict | None = None
     measured_in_loop: int | None = None
     notes: list[str] = field(default_factory=list)
@@ -48,6 +47,16 @@ class Selection:
     @property
     def measured_ms(self) -> float | None:
         return self.rounds[self.chosen_round]["measured_ms"]
+
+    @property
+    def teacher_measured_ms(self) -> float | None:
+        """The teacher's end-to-end latency, timed in alternation with `measured_ms`."""
+        return self.rounds[self.chosen_round].get("teacher_measured_ms")
+
+    @property
+    def measured_speedup(self) -> float | None:
+        """The median ratio student / teacher over the alternating rounds."""
+        return self.rounds[self.chosen_round].get("measured_speedup")
 
     def to_dict(self) -> dict:
         out = {"prefilter": self.prefilter, "rounds": len(self.rounds), "method": self.method}
@@ -144,7 +153,6 @@ def select_architecture(
     t_logits = predict(teacher, cand, runtime)
     in_loop = _latency_in_loop(cfg, measurer, pool, lat, notes)
     rank = _Ranker(pool, lat, cfg, cand, t_logits, runtime, seed, in_loop, fitness_cfg.loss)
-    t_meas = measurer.teacher_ms()
     # Verify rounds: the best architecture measured end to end; a miss tightens the budget
     # towards the measured ratio, and slack (faster than asked by more than the tolerance)
     # loosens it, so the student uses the latency it was given. The architecture kept is the
@@ -154,16 +162,20 @@ def select_architecture(
         sols, losses, tau, j = rank(a, b, budget)
         last = sols[j]
         picked.append(last)
-        measured = measurer.student_ms(pool.assemble(last.choices))
+        # timed in alternation with the teacher: the ratio holds where the machine drifts
+        pm = measurer.paired(pool.assemble(last.choices))
         rounds.append({
             "budget_ms": budget, "solutions": [x.to_dict() for x in sols],
             "candidate_losses": losses, "best": j,
             "predicted_ms": lat.fixed_ms + last.latency_ms,
-            "kendall_tau": None if math.isnan(tau) else tau, "measured_ms": measured,
+            "kendall_tau": None if math.isnan(tau) else tau,
+            "measured_ms": pm.b_ms if pm else None,
+            "teacher_measured_ms": pm.a_ms if pm else None,
+            "measured_speedup": pm.ratio if pm else None,
         })
-        if measured is None or t_meas is None:
+        if pm is None:
             break
-        got = measured / t_meas
+        got = pm.ratio
         if got <= speedup + cfg.tolerance:
             met = len(rounds) - 1
             if got >= speedup - cfg.tolerance:
@@ -187,7 +199,7 @@ def select_architecture(
     measured_in_loop = in_loop.calls if in_loop is not None and cfg.method == "nsga2" else None
     front = (_front(rank, a, b, lat, speedups, rounds[chosen], t_logits)
              if len(speedups) > 1 else None)
-    return Selection(best, rounds, pre.info, cfg.method, t_meas, front, measured_in_loop,
+    return Selection(best, rounds, pre.info, cfg.method, front, measured_in_loop,
                      notes, chosen)
 
 

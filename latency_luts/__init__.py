@@ -19,13 +19,14 @@ from .backends import (
     get_backend,
     list_backends,
     onnx_bytes,
+    timing_method,
 )
 from .calibration import fit_calibration
 from .fingerprint import environment_fingerprint
 from .hardware import cpu_model, device_name, gpu_name, hardware_present
 from .lut import FORMAT, LUT, VERSION, entry_key
 from .target import PRECISIONS, Target, get_target, list_targets, register_target
-from .timing import measure_stable
+from .timing import PairedMeasurement, measure_paired, measure_stable
 
 __all__ = [
     "Backend",
@@ -35,6 +36,7 @@ __all__ = [
     "LutError",
     "Measurement",
     "OnnxRuntimeBackend",
+    "PairedMeasurement",
     "PRECISIONS",
     "RooflineEstimator",
     "Target",
@@ -54,8 +56,10 @@ __all__ = [
     "list_backends",
     "list_tables",
     "list_targets",
+    "measure_paired",
     "measure_stable",
     "onnx_bytes",
     "register_target",
     "shipped_table",
+    "timing_method",
 ]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import io
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -37,6 +39,9 @@ class Backend:
     devices: tuple[str, ...] = ("cpu",)
     precisions: tuple[str, ...] = ("fp32",)
     estimates = False
+    #: how a call is timed, recorded in a LUT's fingerprint; a work-dir LUT timed otherwise is
+    #: measured again (``""``: as first built)
+    timing = ""
     #: `measure` needs only the module's structure and shapes: it may be given a module built
     #: on the meta device (no weights), which costs far less to build
     shapes_only = False
@@ -77,6 +82,13 @@ class Backend:
     def measure(self, module: nn.Module, in_shape: tuple[int, ...]) -> Measurement:
         """Latency of one call of `module` on a (batch, *in_shape) input."""
         raise NotImplementedError
+
+    def timer(self, module: nn.Module, in_shape: tuple[int, ...]) -> Callable[[], Measurement]:
+        """A function that measures `module` again each time it is called, with what it needs
+        (an inference session, buffers) made once: for alternating measurements of two
+        networks (`latency_luts.measure_paired`). Backends that have nothing to keep build
+        everything again on each call."""
+        return functools.partial(self.measure, module, in_shape)
 
     def overhead_ms(self) -> float:
         """Fixed cost of one call that every measurement includes (0 if negligible)."""

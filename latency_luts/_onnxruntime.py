@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -12,6 +15,31 @@ from ._errors import BackendUnavailableError
 from .timing import Measurement, measure_stable
 
 __all__ = ["OnnxRuntimeBackend"]
+
+
+def _cpu_call(sess, name: str, x: np.ndarray) -> Callable[[], None]:
+    """Input and outputs bound to buffers made once, so that a timed call computes and writes
+    its output in place, as an op inside a whole network does with its arena's buffers.
+
+    ``sess.run(feed)`` instead allocates every output afresh and copies it into a new numpy
+    array on each call: a cost per byte of output that the op does not pay inside the network,
+    so that sums of ops timed that way over-predict the network (latency_luts/README.md,
+    "Why isolated timings need not add up")."""
+    import onnxruntime as ort
+
+    outs = sess.run(None, {name: x})  # once, for the output shapes and dtypes
+    binding = sess.io_binding()
+    # the OrtValues wrap these arrays without owning them: the partial keeps both alive
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in [x, *map(np.empty_like, outs)]]
+    binding.bind_ortvalue_input(name, values[0])
+    for meta, value in zip(sess.get_outputs(), values[1:]):
+        binding.bind_ortvalue_output(meta.name, value)
+
+    return functools.partial(_run_bound, sess, binding, values)
+
+
+def _run_bound(sess, binding, _buffers: list) -> None:
+    sess.run_with_iobinding(binding)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -26,6 +54,7 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
     package = "onnxruntime"
+    timing = "io-bound"  # outputs written into buffers bound once (`_cpu_call`)
     devices = ("cpu", "cuda")
     precisions = ("fp32", "fp16")
 
@@ -59,6 +88,12 @@ class OnnxRuntimeBackend(Backend):
         return ort.InferenceSession(model_bytes, opts, providers=providers)
 
     def _measure_shape(self, module: nn.Module, shape: tuple[int, ...], **kw) -> Measurement:
+        return self._timer(module, shape, **kw)()
+
+    def timer(self, module: nn.Module, in_shape: tuple[int, ...]) -> Callable[[], Measurement]:
+        return self._timer(module, (self.target.batch, *in_shape))
+
+    def _timer(self, module: nn.Module, shape: tuple[int, ...], **kw) -> Callable[[], Measurement]:
         self.check()
         dtype = torch_dtype(self.target.precision)
         module = module.eval()
@@ -71,8 +106,8 @@ class OnnxRuntimeBackend(Backend):
             sess = self.session(onnx_bytes(module, example))
         name = sess.get_inputs()[0].name
         if self.target.device == "cpu":
-            feed = {name: example.numpy()}
-            return measure_stable(lambda: sess.run(None, feed), clock=self.target.clock, **kw)
+            return functools.partial(measure_stable, _cpu_call(sess, name, example.numpy()),
+                                     clock=self.target.clock, **kw)
         binding = sess.io_binding()
         binding.bind_input(name, "cuda", 0, example.cpu().numpy().dtype, tuple(example.shape),
                            example.data_ptr())
@@ -80,10 +115,10 @@ class OnnxRuntimeBackend(Backend):
             binding.bind_output(out.name, "cuda")
         binding.synchronize_inputs()
 
-        def run():
+        def run(_bound=example):  # the binding reads `example`'s memory: kept alive here
             sess.run_with_iobinding(binding)  # synchronises the device at the end
 
-        return measure_stable(run, **kw)
+        return functools.partial(measure_stable, run, **kw)
 
     def measure(self, module: nn.Module, in_shape: tuple[int, ...]) -> Measurement:
         return self._measure_shape(module, (self.target.batch, *in_shape))
@@ -98,6 +133,6 @@ class OnnxRuntimeBackend(Backend):
     def fingerprint(self) -> dict:
         import onnxruntime as ort
 
-        return {"torch": torch.__version__, "onnxruntime": ort.__version__,
+        return {"torch": torch.__version__, "onnxruntime": ort.__version__, "timing": self.timing,
                 "execution_provider": ("CUDAExecutionProvider" if self.target.device == "cuda"
                                        else "CPUExecutionProvider")}

@@ -23,7 +23,7 @@ from .target import Target, get_target
 from .timing import Measurement
 
 __all__ = ["Measurement", "Backend", "OnnxRuntimeBackend", "TorchBackend", "TensorRTBackend",
-           "RooflineEstimator", "get_backend", "list_backends", "onnx_bytes"]
+           "RooflineEstimator", "get_backend", "list_backends", "onnx_bytes", "timing_method"]
 
 _logger = logging.getLogger(__name__)
 
@@ -38,6 +38,13 @@ _BACKENDS: dict[str, type[Backend]] = {
 def list_backends() -> dict[str, bool]:
     """Backend names and whether each one's package imports here."""
     return {name: cls.available() for name, cls in sorted(_BACKENDS.items())}
+
+
+def timing_method(target: str | Target) -> str:
+    """How `target`'s backend times a call (`Backend.timing`; ``""`` for an unknown backend):
+    a measured LUT whose fingerprint records another method is out of date."""
+    cls = _BACKENDS.get(get_target(target).backend)
+    return cls.timing if cls is not None else ""
 
 
 def get_backend(target: str | Target, allow_estimate: bool = False) -> Backend:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Measurement", "measure_stable"]
+__all__ = ["Measurement", "PairedMeasurement", "measure_paired", "measure_stable"]
 
 
 @dataclass
@@ -106,3 +107,54 @@ def measure_stable(
         prev = med
     s = sorted(samples)
     return Measurement(med, _quantile(s, 0.9) - _quantile(s, 0.1), len(samples), stable)
+
+
+@dataclass
+class PairedMeasurement:
+    """Two functions timed in alternation (`measure_paired`).
+
+    Attributes:
+        a_ms, b_ms: the median over rounds of each one's `Measurement.ms`.
+        ratio: b / a: each round times the pair back to back, in the other order than the
+            round before; the median over consecutive rounds of their ratios' geometric mean.
+        ratio_spread: max - min of the rounds' ratios.
+        rounds: how many rounds.
+    """
+
+    a_ms: float
+    b_ms: float
+    ratio: float
+    ratio_spread: float
+    rounds: int
+
+
+def measure_paired(a: Callable[[], Measurement], b: Callable[[], Measurement],
+                   rounds: int = 5) -> PairedMeasurement:
+    """Time `a` and `b` (each returns a `Measurement`, e.g. `Backend.timer`) in alternation,
+    ``rounds`` times, and return the medians and the ratio b / a (`PairedMeasurement`).
+
+    A machine's speed can drift by tens of percent over seconds to minutes (another tenant on
+    the host, frequency; BENCHMARKS.md, "Latency on a drifting machine"): two networks timed
+    minutes apart then differ by that drift, while pairs timed back to back see the same
+    machine, so the ratio of a pair holds where the absolute figures do not.
+
+    Example:
+        >>> f = lambda: measure_stable(lambda: sum(range(2000)))
+        >>> g = lambda: measure_stable(lambda: sum(range(4000)))
+        >>> 1.2 < measure_paired(f, g, rounds=3).ratio < 4
+        True
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    ma, mb = [], []
+    for i in range(rounds):  # a b, b a, ...: neither always goes first
+        first, second = (a, b) if i % 2 == 0 else (b, a)
+        x, y = first().ms, second().ms
+        ma.append(x if i % 2 == 0 else y)
+        mb.append(y if i % 2 == 0 else x)
+    ratios = [y / x for x, y in zip(ma, mb)]
+    # consecutive rounds ran in opposite orders: their geometric mean cancels a steady drift,
+    # and the median over those pairs ignores a round that something disturbed
+    pairs = [math.sqrt(r * s) for r, s in zip(ratios, ratios[1:])] or ratios
+    return PairedMeasurement(statistics.median(ma), statistics.median(mb),
+                             statistics.median(pairs), max(ratios) - min(ratios), rounds)

@@ -97,6 +97,56 @@ def test_onnxruntime_overhead_small_and_positive():
     assert 0 < oh < b.measure(_conv(32), (32, 28, 28)).ms
 
 
+def test_onnxruntime_cpu_timing_binds_outputs_once(monkeypatch):
+    """A timed call writes into buffers bound once (no output allocated or copied per call,
+    which ops inside a network do not pay either); `timer` keeps its session for repeats."""
+    import onnxruntime as ort
+
+    b = latency_luts.get_backend("cpu")
+    runs = {"run": 0, "bound": 0}
+    real_run, real_bound = ort.InferenceSession.run, ort.InferenceSession.run_with_iobinding
+
+    def run(self, *a, **k):
+        runs["run"] += 1
+        return real_run(self, *a, **k)
+
+    def bound(self, *a, **k):
+        runs["bound"] += 1
+        return real_bound(self, *a, **k)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", run)
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", bound)
+    sessions = []
+    real_session = b.session
+    monkeypatch.setattr(b, "session", lambda data: sessions.append(1) or real_session(data))
+    timer = b.timer(_conv(16), (16, 28, 28))
+    first, second = timer(), timer()
+    assert first.ms > 0 and second.ms > 0 and len(sessions) == 1
+    assert runs["run"] == 1 and runs["bound"] >= first.runs + second.runs  # 1: output shapes
+
+
+def test_paired_measurement_holds_the_ratio_on_a_drifting_machine():
+    """Each call is slower than the one before (the machine drifting): timed one after the
+    other, a and b differ by the drift; timed in alternation their ratio stays the truth."""
+    clock = {"drift": 1.0}
+
+    def timer(ms):
+        def measure():
+            clock["drift"] *= 1.3
+            return latency_luts.Measurement(ms * clock["drift"], 0.0, 1)
+        return measure
+
+    a, b = timer(10.0), timer(5.0)
+    apart = b().ms / a().ms  # what two separate measurements give
+    pm = latency_luts.measure_paired(a, b, rounds=5)
+    assert abs(apart - 0.5) > 0.1
+    # a first, b first, a first, ...: consecutive rounds cancel the drift
+    assert pm.rounds == 5 and pm.ratio == pytest.approx(0.5, rel=1e-9)
+    assert pm.ratio_spread > 0.2  # the single rounds did see the drift
+    with pytest.raises(ValueError, match="rounds"):
+        latency_luts.measure_paired(a, b, rounds=0)
+
+
 def test_measure_stable_uses_returned_times():
     m = measure_stable(lambda: 2.5, min_runs=20)
     assert m.ms == 2.5 and m.spread_ms == 0 and m.stable and m.runs >= 20

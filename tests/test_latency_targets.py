@@ -201,3 +201,20 @@ def test_calibrate_recovers_what_the_networks_measure(small_split, tmp_path, mon
     ro.calibration = None
     latency_table(s, "k", cands, ro, None, progress=False, calibration_archs=4)
     assert made == [] and ro.calibration is None
+
+
+def test_work_dir_lut_timed_the_old_way_is_measured_again(small_split, tmp_path, caplog):
+    """Entries timed with outputs copied on every call (before `timing` was recorded) do not
+    add up like the io-bound ones; a work-dir LUT made that way is measured again."""
+    s = small_split
+    cands = {i: ["teacher"] for i in range(len(s.layers))}
+    lut, path = resolve_target("cpu", Store(tmp_path))
+    layer_latencies(s, "k", cands, lut, path, progress=False)
+    assert lut.fingerprint["timing"] == latency_luts.timing_method("cpu") == "io-bound"
+    kept, _ = resolve_target("cpu", Store(tmp_path))
+    assert len(kept.entries) == len(lut.entries) > 0
+    del lut.fingerprint["timing"]  # as an older version wrote it
+    lut.save(path)
+    with caplog.at_level("WARNING"):
+        again, _ = resolve_target("cpu", Store(tmp_path))
+    assert not again.entries and "timed the way of an older version" in caplog.text
