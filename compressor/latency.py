@@ -87,15 +87,24 @@ def resolve_target(
                             "starting a new LUT", t.name, table.fingerprint.get("measured_on"),
                             here)
             table = LUT(t)
-        elif (table.entries and not table.estimated
-              and table.fingerprint.get("timing", "") != latency_luts.timing_method(t)):
+        elif _timed_otherwise(table):
             _logger.warning("the work dir's LUT for '%s' was timed the way of an older version "
-                            "(%s); measuring it again", t.name,
-                            table.fingerprint.get("timing") or "outputs copied on every call")
+                            "(%s); measuring it again", t.name, _timing(table))
             table = LUT(t)
     else:
         table = LUT(t)
     return table, path
+
+
+def _timing(table: LUT) -> str:
+    return table.fingerprint.get("timing") or "outputs copied on every call"
+
+
+def _timed_otherwise(table: LUT) -> bool:
+    """True if `table` holds measurements timed another way than its backend times now
+    (`latency_luts.timing_method`): they do not mix with new ones."""
+    return bool(table.entries) and not table.estimated and (
+        table.fingerprint.get("timing", "") != latency_luts.timing_method(table.target))
 
 
 def lut_for_build(path: str | Path, target: str | Target) -> LUT:
@@ -115,6 +124,10 @@ def lut_for_build(path: str | Path, target: str | Target) -> LUT:
             f"({table.target.precision}, batch {table.target.batch}); write target "
             f"'{t.name}' to another file"
         )
+    if _timed_otherwise(table):
+        _logger.warning("%s was timed the way of an older version (%s); measuring it again",
+                        path, _timing(table))
+        return LUT(t)
     return table
 
 

@@ -6,7 +6,7 @@ import pytest
 import timm
 
 import latency_luts
-from compressor.latency import can_measure, layer_latencies, resolve_target
+from compressor.latency import can_measure, layer_latencies, lut_for_build, resolve_target
 from compressor.split import split
 from compressor.store import Store
 from latency_luts import LUT, LutError, Target, hardware
@@ -218,3 +218,5 @@ def test_work_dir_lut_timed_the_old_way_is_measured_again(small_split, tmp_path,
     with caplog.at_level("WARNING"):
         again, _ = resolve_target("cpu", Store(tmp_path))
     assert not again.entries and "timed the way of an older version" in caplog.text
+    with caplog.at_level("WARNING"):
+        assert not lut_for_build(path, "cpu").entries  # `hant lut build -o` measures anew too
