@@ -106,6 +106,7 @@ class SearchCfg:
     verify_rounds: int = 3
     tolerance: float = 0.03
     refine_rounds: int = 0  # re-score every op in the best architecture's context, re-solve
+    block_drop_candidate: bool = True  # rank the block-dropping baseline's architecture too
     calibration_archs: int = 0  # networks measured end to end to calibrate a new LUT (0: none;
     # off by default: on dev-cpu a uniform fit made held-out networks worse, see BENCHMARKS.md)
 

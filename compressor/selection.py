@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ._errors import SearchError
+from .baseline import drop_blocks
 from .data import ImageSource
 from .evaluate import Logits, mean_loss, predict
 from .evolution import nsga2
@@ -78,6 +79,7 @@ class _Ranker:
     seed: int
     latency_fn: object = None
     loss_kind: str = "kl"
+    fit: Fitness | None = None  # with `cfg.block_drop_candidate`: the baseline is ranked too
 
     def __call__(self, a, b, budget: float) -> tuple[list[Solution], list[float], float, int]:
         cfg = self.cfg
@@ -90,6 +92,7 @@ class _Ranker:
                                   "integer program (--search ip) or a larger budget")
         else:
             sols = self._solve(a, b, budget)
+        sols += self._block_drop(sols, budget)
         losses = [self.loss(sol.choices) for sol in sols]
         tau = kendall_tau([sol.objective for sol in sols], losses)
         for r in range(cfg.refine_rounds if cfg.method == "ip" else 0):
@@ -104,6 +107,19 @@ class _Ranker:
             sols += fresh
             losses += [self.loss(sol.choices) for sol in fresh]
         return sols, losses, tau, min(range(len(sols)), key=losses.__getitem__)
+
+    def _block_drop(self, sols: list[Solution], budget: float) -> list[Solution]:
+        """The block-dropping baseline's architecture at `budget` (`compressor.baseline`), to
+        be ranked with the solver's, unless it is among them or cannot reach the budget: a
+        student then never loses to dropping whole blocks on the candidate images."""
+        if not self.cfg.block_drop_candidate or self.fit is None:
+            return []
+        drop = drop_blocks(self.lat, self.fit, budget + self.lat.fixed_ms)
+        if not drop.reached or any(sol.choices == drop.choices for sol in sols):
+            return []
+        objective = sum(self.fit.a[i].get(op, 0.0) for i, op in enumerate(drop.choices))
+        return [Solution(drop.choices, objective, drop.predicted_ms - self.lat.fixed_ms,
+                         "block-drop")]
 
     def _solve(self, a, b, budget: float) -> list[Solution]:
         cfg = self.cfg
@@ -152,7 +168,8 @@ def select_architecture(
     b = [{op: lat.b[i][op] for op in layer} for i, layer in enumerate(a)]
     t_logits = predict(teacher, cand, runtime)
     in_loop = _latency_in_loop(cfg, measurer, pool, lat, notes)
-    rank = _Ranker(pool, lat, cfg, cand, t_logits, runtime, seed, in_loop, fitness_cfg.loss)
+    rank = _Ranker(pool, lat, cfg, cand, t_logits, runtime, seed, in_loop, fitness_cfg.loss,
+                   fit)
     # Verify rounds: the best architecture measured end to end; a miss tightens the budget
     # towards the measured ratio, and slack (faster than asked by more than the tolerance)
     # loosens it, so the student uses the latency it was given. The architecture kept is the

@@ -39,3 +39,23 @@ def test_says_when_dropping_every_block_is_not_enough():
     assert out.choices == ["teacher", "identity", "identity", "identity"]
     assert not out.reached and out.predicted_ms == 4.0
     assert drop_blocks(lat, fit, 100.0).choices == ["teacher"] * 4
+
+
+def test_the_search_ranks_the_block_dropping_architecture_too():
+    """`search.block_drop_candidate`: the baseline's architecture at the budget joins the
+    solver's solutions to be ranked, once, and only where it reaches the budget."""
+    from compressor.recipe import SearchCfg
+    from compressor.search import Solution
+    from compressor.selection import _Ranker
+
+    lat, fit = _tables()
+    rank = _Ranker(None, lat, SearchCfg(), None, None, None, 0, fit=fit)
+    budget = 6.0 - lat.fixed_ms  # the layers' share of a 6 ms network
+    solver = [Solution(["cb", "teacher", "identity", "teacher"], 0.2, 4.0, "optimal")]
+    (drop,) = rank._block_drop(solver, budget)
+    assert drop.choices == ["teacher", "teacher", "identity", "identity"]
+    assert drop.latency_ms == 5.0 and drop.objective == 0.4 and drop.status == "block-drop"
+    assert rank._block_drop([*solver, drop], budget) == []  # already ranked
+    assert rank._block_drop(solver, 3.0 - lat.fixed_ms) == []  # dropping cannot reach 3 ms
+    off = _Ranker(None, lat, SearchCfg(block_drop_candidate=False), None, None, None, 0, fit=fit)
+    assert off._block_drop(solver, budget) == []
