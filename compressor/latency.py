@@ -27,7 +27,7 @@ from .store import Store, check_seal
 __all__ = ["resolve_target", "layer_latencies", "calibrate", "measure_model", "op_key",
            "can_measure",
            "lut_for_build", "Latencies", "latency_table", "Measurer", "measure_pair",
-           "missing_entries"]
+           "missing_entries", "stale"]
 
 _logger = logging.getLogger(__name__)
 
@@ -77,23 +77,26 @@ def resolve_target(
             table = LUT.load(path)
         except (latency_luts.LutError, ArtifactError, ValueError) as e:  # damaged: measured again
             _logger.warning("%s; starting a new LUT", str(e).split("; delete it")[0])
-    if table is not None:
-        here = latency_luts.device_name(t)
-        if table.target != t:
-            _logger.warning("target profile '%s' changed; starting a new LUT", t.name)
-            table = LUT(t)
-        elif table.entries and table.fingerprint.get("measured_on", here) != here:
-            _logger.warning("the work dir's LUT for '%s' was made on %s, this machine has %s; "
-                            "starting a new LUT", t.name, table.fingerprint.get("measured_on"),
-                            here)
-            table = LUT(t)
-        elif _timed_otherwise(table):
-            _logger.warning("the work dir's LUT for '%s' was timed the way of an older version "
-                            "(%s); measuring it again", t.name, _timing(table))
-            table = LUT(t)
-    else:
-        table = LUT(t)
-    return table, path
+    if table is not None and (why := stale(table, t)):
+        _logger.warning("%s; starting a new LUT", why)
+        table = None
+    return table or LUT(t), path
+
+
+def stale(table: LUT, target: Target) -> str | None:
+    """Why the work dir's `table` cannot serve `target` on this machine (its entries must not
+    be reused or merged), or None: another target profile, another machine, or timed the way
+    of an older version."""
+    here = latency_luts.device_name(target)
+    if table.target != target:
+        return f"target profile '{target.name}' changed"
+    if table.entries and table.fingerprint.get("measured_on", here) != here:
+        return (f"the work dir's LUT for '{target.name}' was made on "
+                f"{table.fingerprint.get('measured_on')}, this machine has {here}")
+    if _timed_otherwise(table):
+        return (f"the work dir's LUT for '{target.name}' was timed the way of an older "
+                f"version ({_timing(table)})")
+    return None
 
 
 def _timing(table: LUT) -> str:

@@ -25,7 +25,7 @@ from .evaluate import evaluate, predict
 from .finetune import finetune
 from .fitness import Fitness, fitness
 from .inputs import RunInputs, divisor_key, prepare
-from .latency import Latencies, Measurer, latency_table
+from .latency import Latencies, Measurer, latency_table, stale
 from .pool import Pool, distill_pool
 from .redistill import redistill
 from .selection import Selection, select_architecture
@@ -111,7 +111,7 @@ def _lut_lock(run: RunInputs) -> Iterator[None]:
                 disk = LUT.load(run.lut_path)
             except (LutError, ValueError):
                 disk = None  # damaged: warned about when the run started, measured again
-            if disk is not None and disk.target == run.lut.target:
+            if disk is not None and stale(disk, run.lut.target) is None:
                 for k, v in disk.entries.items():
                     run.lut.entries.setdefault(k, v)
                 for name in ("overhead_ms", "calibration"):

@@ -516,3 +516,26 @@ def test_in_context_fitness_is_the_fitness_table_in_the_teachers_context(run_res
     assert len(set(choices)) == len(choices)  # a refine round adds only new architectures
     # one refine round, around the best of the first K
     assert len(calls) == 1 and tuple(calls[0]) in choices[:4]
+
+
+def test_a_lut_timed_the_old_way_is_measured_again_not_merged(run_result, tmp_path):
+    """The LUT step merges what another run measured meanwhile, but never entries that the
+    run itself refused (timed the way of an older version): they are measured again."""
+    from compressor.store import seal
+
+    d = run_result
+    kwargs = dict(d["kwargs"], work_dir=tmp_path / "w")
+    run = compressor.prepare(d["teacher"], d["data"], "cpu", 0.6, **kwargs)
+    pipeline.lut_step(run)
+    old = latency_luts.LUT.load(run.lut_path)
+    del old.fingerprint["timing"]  # as an older version wrote it
+    for e in old.entries.values():
+        e["ms"] = 1000.0  # marks every entry of the old table
+    old.save(run.lut_path)
+    seal(run.lut_path)
+    again = compressor.prepare(d["teacher"], d["data"], "cpu", 0.6, **kwargs)
+    lat = pipeline.lut_step(again)
+    assert lat.teacher_ms < 1000.0
+    disk = latency_luts.LUT.load(again.lut_path)
+    assert disk.fingerprint["timing"] == "io-bound"
+    assert all(e["ms"] < 1000.0 for e in disk.entries.values())
