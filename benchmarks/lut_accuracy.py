@@ -34,7 +34,7 @@ import torch
 
 import latency_luts
 from compressor.inputs import arch_key, candidate_ops
-from compressor.latency import Measurer, calibrate, layer_latencies, resolve_target
+from compressor.latency import Measurer, calibrate, layer_latencies, resolve_target, stale
 from compressor.recipe import load_recipe
 from compressor.split import TEACHER, split
 from compressor.store import Store, default_work_dir
@@ -47,14 +47,10 @@ def _pick_lut(args, store: Store):
     shipped = latency_luts.shipped_table(args.model, args.target)
     if shipped is not None:
         lut = latency_luts.LUT.load(shipped)
-        here = latency_luts.device_name(lut.target)
-        timing = lut.fingerprint.get("timing", "")
-        if lut.fingerprint.get("device") == here and timing == latency_luts.timing_method(
-                lut.target):
+        why = stale(lut, lut.target)
+        if why is None:
             return lut, None
-        logging.warning("shipped LUT %s was measured on %s (timing %r), not on this %s (timing "
-                        "%r); using the work dir's", shipped, lut.fingerprint.get("device"),
-                        timing, here, latency_luts.timing_method(lut.target))
+        logging.warning("shipped LUT %s: %s; using the work dir's", shipped, why)
     return resolve_target(args.target, store)
 
 

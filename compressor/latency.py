@@ -437,13 +437,7 @@ class Measurer:
     def __init__(self, lut: LUT, lut_path: Path | None, teacher: nn.Module, input_size):
         self.lut, self.input_size, self.teacher = lut, tuple(input_size), teacher
         self.here = can_measure(lut, lut_path)
-        self._teacher_ms: float | None = None
         self._teacher_timer = None
-
-    def teacher_ms(self) -> float | None:
-        if self.here and self._teacher_ms is None:
-            self._teacher_ms = measure_model(self.teacher, self.input_size, self.lut.target).ms
-        return self._teacher_ms
 
     def student_ms(self, model: nn.Module) -> float | None:
         if not self.here:
@@ -460,7 +454,5 @@ class Measurer:
         backend = latency_luts.get_backend(self.lut.target)
         if self._teacher_timer is None:  # its session is made once, for every student
             self._teacher_timer = backend.timer(_deploy(self.teacher), self.input_size)
-        pm = latency_luts.measure_paired(self._teacher_timer,
-                                         backend.timer(_deploy(model), self.input_size), rounds)
-        self._teacher_ms = pm.a_ms
-        return pm
+        return latency_luts.measure_paired(self._teacher_timer,
+                                           backend.timer(_deploy(model), self.input_size), rounds)

@@ -148,10 +148,12 @@ def measure_paired(a: Callable[[], Measurement], b: Callable[[], Measurement],
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     ma, mb = [], []
     for i in range(rounds):  # a b, b a, ...: neither always goes first
-        first, second = (a, b) if i % 2 == 0 else (b, a)
-        x, y = first().ms, second().ms
-        ma.append(x if i % 2 == 0 else y)
-        mb.append(y if i % 2 == 0 else x)
+        if i % 2 == 0:
+            x, y = a().ms, b().ms
+        else:
+            y, x = b().ms, a().ms
+        ma.append(x)
+        mb.append(y)
     ratios = [y / x for x, y in zip(ma, mb)]
     # consecutive rounds ran in opposite orders: their geometric mean cancels a steady drift,
     # and the median over those pairs ignores a round that something disturbed
