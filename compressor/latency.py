@@ -84,17 +84,17 @@ def resolve_target(
 
 
 def stale(table: LUT, target: Target) -> str | None:
-    """Why the work dir's `table` cannot serve `target` on this machine (its entries must not
-    be reused or merged), or None: another target profile, another machine, or timed the way
-    of an older version."""
+    """Why `table` (the work dir's, or a shipped one) cannot serve `target` on this machine
+    (its entries must not be reused or merged), or None: another target profile, another
+    machine, or timed the way of an older version."""
     here = latency_luts.device_name(target)
     if table.target != target:
         return f"target profile '{target.name}' changed"
     if table.entries and table.fingerprint.get("measured_on", here) != here:
-        return (f"the work dir's LUT for '{target.name}' was made on "
+        return (f"the LUT for '{target.name}' was made on "
                 f"{table.fingerprint.get('measured_on')}, this machine has {here}")
     if _timed_otherwise(table):
-        return (f"the work dir's LUT for '{target.name}' was timed the way of an older "
+        return (f"the LUT for '{target.name}' was timed the way of an older "
                 f"version ({_timing(table)})")
     return None
 
