@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -162,11 +162,17 @@ def search_step(run: RunInputs, lat: Latencies, pool: Pool, fit: Fitness) -> Sel
     n_eval = min(run.recipe.data.candidate_eval_images, len(run.parts["search"]))
     cand = run.parts["search"].subset(range(n_eval)).decode()  # ranked many times
     measurer = Measurer(run.lut, run.lut_path, run.teacher, run.input_size)
+    cfg = run.recipe.search
+    rerank = None
+    if cfg.rerank_top > 0:  # a brief re-distillation, as the redistill step's but shorter
+        distill = run.parts["distill"]
+        rerank = (distill.subset(range(min(cfg.rerank_images, len(distill)))),
+                  replace(run.recipe.redistill, epochs=cfg.rerank_epochs))
     with run.phase("search") as rec:
         sel = select_architecture(
-            pool, lat, fit, cand, run.teacher, run.recipe.search, run.recipe.fitness,
+            pool, lat, fit, cand, run.teacher, cfg, run.recipe.fitness,
             run.speedups, measurer, candidates=sum(map(len, run.candidates.values())),
-            runtime=run.runtime, seed=run.recipe.data.seed)
+            runtime=run.runtime, seed=run.recipe.data.seed, rerank=rerank)
         rec.update(sel.to_dict())
     for note in sel.notes:
         run.note(note)

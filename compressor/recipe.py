@@ -107,6 +107,9 @@ class SearchCfg:
     tolerance: float = 0.03
     refine_rounds: int = 0  # re-score every op in the best architecture's context, re-solve
     block_drop_candidate: bool = True  # rank the block-dropping baseline's architecture too
+    rerank_top: int = 0  # re-rank the best this many after a brief re-distillation (0: off)
+    rerank_images: int = 128  # distill images that re-distillation sees
+    rerank_epochs: int = 1
     calibration_archs: int = 0  # networks measured end to end to calibrate a new LUT (0: none;
     # off by default: on dev-cpu a uniform fit made held-out networks worse, see BENCHMARKS.md)
 
@@ -296,6 +299,11 @@ def _validate_search_time(c: SearchCfg, source: str) -> None:
                                            or c.total_time_limit <= 0):
         raise RecipeError(f"recipe {source}: search.total_time_limit is "
                           f"{c.total_time_limit!r}; give seconds > 0, or null for no cap")
+    for key, low in (("rerank_top", 0), ("rerank_images", 1), ("rerank_epochs", 1)):
+        v = getattr(c, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise RecipeError(f"recipe {source}: search.{key} is {v!r}; give a whole number "
+                              f">= {low}")
     if not number(c.gap) or not 0 <= c.gap < 1:
         raise RecipeError(f"recipe {source}: search.gap is {c.gap!r}; give a relative gap in "
                           "[0, 1) (0 proves every optimum)")

@@ -21,7 +21,8 @@ from .evolution import nsga2
 from .fitness import Fitness, prefilter
 from .latency import Latencies, Measurer
 from .pool import Pool
-from .recipe import FitnessCfg, SearchCfg
+from .recipe import FitnessCfg, RedistillCfg, SearchCfg
+from .redistill import redistill
 from .runtime import Runtime
 from .search import Solution, kendall_tau, min_latency, solve
 from .split import TEACHER
@@ -80,8 +81,13 @@ class _Ranker:
     latency_fn: object = None
     loss_kind: str = "kl"
     fit: Fitness | None = None  # with `cfg.block_drop_candidate`: the baseline is ranked too
+    rerank: tuple[ImageSource, RedistillCfg] | None = None  # with `cfg.rerank_top`
 
-    def __call__(self, a, b, budget: float) -> tuple[list[Solution], list[float], float, int]:
+    def __call__(self, a, b, budget: float
+                 ) -> tuple[list[Solution], list[float], float, int, dict[int, float]]:
+        """(solutions, their losses on the candidate images, Kendall tau objective vs loss,
+        the index of the pick, {index: loss after a brief re-distillation} of the re-ranked
+        ones (empty when `cfg.rerank_top` is 0))."""
         cfg = self.cfg
         if cfg.method == "nsga2":
             sols = nsga2(a, b, budget, pop_size=cfg.pop_size, generations=cfg.generations,
@@ -106,7 +112,29 @@ class _Ranker:
                 break
             sols += fresh
             losses += [self.loss(sol.choices) for sol in fresh]
-        return sols, losses, tau, min(range(len(sols)), key=losses.__getitem__)
+        reranked = self._rerank(sols, losses)
+        best = (min(reranked, key=reranked.__getitem__) if reranked
+                else min(range(len(sols)), key=losses.__getitem__))
+        return sols, losses, tau, best, reranked
+
+    def _rerank(self, sols: list[Solution], losses: list[float]) -> dict[int, float]:
+        """The best `cfg.rerank_top` by loss, each re-distilled briefly on its own inputs
+        from its phase-1 weights (`compressor.redistill`) and scored again on the candidate
+        images: {index: loss}. The raw ranking cannot see how far re-distillation takes each
+        architecture."""
+        if self.cfg.rerank_top <= 0 or self.rerank is None:
+            return {}
+        images, cfg = self.rerank
+        top = sorted(range(len(sols)), key=losses.__getitem__)[: self.cfg.rerank_top]
+        out = {}
+        for n, i in enumerate(top):
+            model = self.pool.assemble(list(sols[i].choices))
+            redistill(model, self.pool.split, images, cfg, runtime=self.runtime, seed=self.seed,
+                      progress=False)
+            out[i] = self.loss(model)
+            _logger.info("re-rank %d/%d: candidate %d, loss %.4f -> %.4f after re-distillation",
+                         n + 1, len(top), i, losses[i], out[i])
+        return out
 
     def _block_drop(self, sols: list[Solution], budget: float) -> list[Solution]:
         """The block-dropping baseline's architecture at `budget` (`compressor.baseline`), to
@@ -135,8 +163,11 @@ class _Ranker:
         return in_context_fitness(self.pool, list(choices), [list(layer) for layer in a],
                                   self.cand, self.t_logits, self.runtime, self.loss_kind)
 
-    def loss(self, choices) -> float:
-        model = self.pool.assemble(list(choices)).eval()
+    def loss(self, choices: list[str] | nn.Module) -> float:
+        """Loss on the candidate images of an architecture (its phase-1 weights), or of a
+        model."""
+        model = (choices if isinstance(choices, nn.Module)
+                 else self.pool.assemble(list(choices))).eval()
         return mean_loss(predict(model, self.cand, self.runtime), self.t_logits, self.loss_kind)
 
 
@@ -154,8 +185,12 @@ def select_architecture(
     candidates: int,
     runtime: Runtime | None = None,
     seed: int = 0,
+    rerank: tuple[ImageSource, RedistillCfg] | None = None,
 ) -> Selection:
-    """The search phase for ``speedups[0]`` (and the front over all of `speedups`)."""
+    """The search phase for ``speedups[0]`` (and the front over all of `speedups`).
+
+    `rerank`: the images and settings of the brief re-distillation that re-ranks the best
+    ``cfg.rerank_top`` architectures (needed when that is above 0)."""
     runtime = runtime or Runtime.cpu()
     speedup = speedups[0]
     budget = lat.budget(speedup)
@@ -168,15 +203,17 @@ def select_architecture(
     b = [{op: lat.b[i][op] for op in layer} for i, layer in enumerate(a)]
     t_logits = predict(teacher, cand, runtime)
     in_loop = _latency_in_loop(cfg, measurer, pool, lat, notes)
+    if cfg.rerank_top > 0 and rerank is None:
+        raise SearchError("search.rerank_top needs the re-distillation's images (rerank=...)")
     rank = _Ranker(pool, lat, cfg, cand, t_logits, runtime, seed, in_loop, fitness_cfg.loss,
-                   fit)
+                   fit, rerank)
     # Verify rounds: the best architecture measured end to end; a miss tightens the budget
     # towards the measured ratio, and slack (faster than asked by more than the tolerance)
     # loosens it, so the student uses the latency it was given. The architecture kept is the
     # last one that met the request (else the last one measured).
     rounds, picked, met = [], [], None
     for _ in range(max(1, cfg.verify_rounds)):
-        sols, losses, tau, j = rank(a, b, budget)
+        sols, losses, tau, j, reranked = rank(a, b, budget)
         last = sols[j]
         picked.append(last)
         # timed in alternation with the teacher: the ratio holds where the machine drifts
@@ -184,6 +221,7 @@ def select_architecture(
         rounds.append({
             "budget_ms": budget, "solutions": [x.to_dict() for x in sols],
             "candidate_losses": losses, "best": j,
+            "reranked_losses": {str(i): v for i, v in reranked.items()},
             "predicted_ms": lat.fixed_ms + last.latency_ms,
             "kendall_tau": None if math.isnan(tau) else tau,
             "measured_ms": pm.b_ms if pm else None,
@@ -301,16 +339,17 @@ def _front(rank: _Ranker, a, b, lat: Latencies, speedups: list[float], final: di
         if sp == speedups[0]:
             sol = final["solutions"][final["best"]]
             points.append({"speedup_requested": sp, "latency_ms": lat.fixed_ms + sol[
-                "latency_ms"], "loss": final["candidate_losses"][final["best"]],
+                "latency_ms"], "loss": final["reranked_losses"].get(
+                    str(final["best"]), final["candidate_losses"][final["best"]]),
                 "choices": sol["choices"]})
             continue
         try:
-            sols, losses, _, j = rank(a, b, lat.budget(sp))
+            sols, losses, _, j, reranked = rank(a, b, lat.budget(sp))
         except SearchError as e:  # InfeasibleError included: the point says why
             points.append({"speedup_requested": sp, "latency_ms": None, "loss": None,
                            "choices": None, "error": str(e)})
             continue
         points.append({"speedup_requested": sp, "latency_ms": lat.fixed_ms + sols[j].latency_ms,
-                       "loss": losses[j], "choices": sols[j].choices})
+                       "loss": reranked.get(j, losses[j]), "choices": sols[j].choices})
     teacher = {"latency_ms": lat.teacher_ms, "loss": mean_loss(t_logits, t_logits, rank.loss_kind)}
     return {"points": points, "teacher": teacher}

@@ -518,6 +518,52 @@ def test_in_context_fitness_is_the_fitness_table_in_the_teachers_context(run_res
     assert len(calls) == 1 and tuple(calls[0]) in choices[:4]
 
 
+def test_rerank_picks_among_the_best_after_a_brief_redistillation(run_result, monkeypatch):
+    """`search.rerank_top`: the best few by raw loss are re-distilled briefly and scored again;
+    the pick is the best of those, and the pool's phase-1 weights are left as they were."""
+    from compressor.split import TEACHER
+
+    d = run_result
+    recipe = d["kwargs"]["recipe"].override("search", rerank_top=2, rerank_images=8,
+                                            rerank_epochs=1)
+    run = compressor.prepare(d["teacher"], d["data"], "cpu", 0.6,
+                             **dict(d["kwargs"], recipe=recipe))
+    lat = pipeline.lut_step(run)
+    pool = pipeline.distill_step(run, lat)
+    seen = []
+    real = selection.redistill
+
+    def spy(student, split, images, cfg, **kwargs):
+        seen.append((list(student.choices), len(images), cfg.epochs))
+        return real(student, split, images, cfg, **kwargs)
+
+    monkeypatch.setattr(selection, "redistill", spy)
+    sel = pipeline.search_step(run, lat, pool, pipeline.fitness_step(run, pool))
+    first = sel.rounds[0]
+    sols, losses, reranked = first["solutions"], first["candidate_losses"], \
+        first["reranked_losses"]
+    top2 = sorted(range(len(losses)), key=losses.__getitem__)[:2]
+    assert sorted(int(i) for i in reranked) == sorted(top2)
+    assert first["best"] == int(min(reranked, key=reranked.get))
+    assert [c for c, _, _ in seen] == [sols[i]["choices"] for i in top2]
+    assert all(n == 8 and epochs == 1 for _, n, epochs in seen)
+    trained = [i for i in top2 if any(c not in (TEACHER, "identity") for c in sols[i]["choices"])]
+    assert trained, "the test needs a re-ranked architecture with a trained op"
+    # re-distillation moved its loss; the pool's weights, scored again, give the raw loss
+    i = trained[0]
+    assert reranked[str(i)] != pytest.approx(losses[i], rel=1e-3)
+    rank = selection._Ranker(pool, lat, recipe.search, *_cand(run), run.runtime, 0)
+    assert rank.loss(sols[i]["choices"]) == pytest.approx(losses[i], rel=1e-5)
+
+
+def _cand(run):
+    from compressor.evaluate import predict
+
+    n = min(run.recipe.data.candidate_eval_images, len(run.parts["search"]))
+    cand = run.parts["search"].subset(range(n)).decode()
+    return cand, predict(run.teacher, cand, run.runtime)
+
+
 def test_a_lut_timed_the_old_way_is_measured_again_not_merged(run_result, tmp_path):
     """The LUT step merges what another run measured meanwhile, but never entries that the
     run itself refused (timed the way of an older version): they are measured again."""
