@@ -205,7 +205,7 @@ def redistill_step(run: RunInputs, pool: Pool, choices: list[str]) -> Student:
     network order on its own inputs (recipe ``redistill``; 0 epochs: as distilled)."""
     cfg = run.recipe.redistill
     student = pool.assemble(list(choices))
-    if cfg.epochs <= 0:
+    if cfg.epochs <= 0 and not cfg.correct:
         return Student(student, {"key": "", "epochs": 0})
     key = digest(pool.root.name, list(choices), cfg.__dict__, run.data_fp["distill"],
                  run.train_cfg if cfg.augment else None)

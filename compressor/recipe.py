@@ -122,6 +122,7 @@ class RedistillCfg:
     batch_size: int = 16
     lr: float = 0.001  # Adam, every replaced op from its phase-1 weights
     augment: bool = True
+    correct: bool = False  # then a closed-form 1x1 correction per op, folded (no latency)
 
 
 @dataclass

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .correction import correct
 from .data import ImageSource
 from .finetune import _epoch_order
 from .recipe import RedistillCfg
@@ -28,14 +29,25 @@ __all__ = ["redistill"]
 def redistill(student: TransformedNet, split: Split, images: ImageSource, cfg: RedistillCfg,
               *, runtime: Runtime | None = None, seed: int = 0, progress: bool = True) -> dict:
     """Refit `student`'s replaced ops in place; returns {'epochs', 'steps', 'layers': {index:
-    normalised MSE of the last epoch}}."""
-    from tqdm import tqdm
-
+    normalised MSE of the last epoch}} and, with `cfg.correct`, 'correction' (see
+    :func:`compressor.correction.correct`)."""
     replaced = [i for i, c in enumerate(student.choices) if c != TEACHER]
     rec: dict = {"epochs": cfg.epochs, "steps": 0, "layers": {}}
-    if cfg.epochs <= 0 or not replaced:
+    if not replaced:
         return rec
-    runtime = runtime or Runtime.cpu()
+    if cfg.epochs > 0:
+        _refit(student, split, images, cfg, runtime or Runtime.cpu(), seed, progress, replaced,
+               rec)
+    if cfg.correct:
+        rec["correction"] = correct(student, split, images, augment=cfg.augment,
+                                    runtime=runtime, seed=seed + 1, progress=progress)
+    return rec
+
+
+def _refit(student: TransformedNet, split: Split, images: ImageSource, cfg: RedistillCfg,
+           runtime: Runtime, seed: int, progress: bool, replaced: list[int], rec: dict) -> None:
+    from tqdm import tqdm
+
     net = runtime.module(student)
     stem = runtime.module(split.stem).eval()
     teacher = [runtime.module(layer.module).eval() for layer in split.layers]
@@ -88,4 +100,3 @@ def redistill(student: TransformedNet, split: Split, images: ImageSource, cfg: R
     if net is not student:
         student.load_state_dict(net.state_dict())
     student.eval()
-    return rec
