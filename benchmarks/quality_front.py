@@ -92,7 +92,19 @@ def run_speedup(model: str, data: Path, target: str, speedup: float, work_dir: P
         "data_seed": seed,
         "choices": list(sel.best.choices),
         "baseline_choices": base.choices,
+        "search_rounds": [_round(r) for r in sel.rounds],
     }
+
+
+def _round(r: dict) -> dict:
+    """What a verify round of the search decided: the pick by raw candidate loss, the pick
+    after re-ranking (search.rerank_top), the rank correlation of objective and loss."""
+    losses = r["candidate_losses"]
+    return {"budget_ms": r["budget_ms"], "measured_speedup": r["measured_speedup"],
+            "kendall_tau": r["kendall_tau"], "candidates": len(losses),
+            "raw_pick": min(range(len(losses)), key=losses.__getitem__), "pick": r["best"],
+            "reranked_losses": r.get("reranked_losses", {}),
+            "raw_losses_of_reranked": {i: losses[int(i)] for i in r.get("reranked_losses", {})}}
 
 
 def run_versus(model: str, smaller: str, data: Path, target: str, work_dir: Path,
