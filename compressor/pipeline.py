@@ -26,7 +26,7 @@ from .finetune import finetune
 from .fitness import Fitness, fitness
 from .inputs import RunInputs, divisor_key, prepare
 from .latency import Latencies, Measurer, latency_table, stale
-from .pool import Pool, distill_pool
+from .pool import Pool, calibrate_pool, distill_pool
 from .redistill import redistill
 from .selection import Selection, select_architecture
 from .split import TEACHER
@@ -136,13 +136,23 @@ def distill_step(run: RunInputs, lat: Latencies | None) -> Pool:
                             runtime=run.runtime, progress=run.progress)
         rec.update(ops=len(pool.results), skipped_slower_than_teacher=pool.skipped_slower,
                    failed=len(pool.failed))
+    n = min(run.recipe.fitness.bn_recalibrate_images, len(run.parts["distill"]))
+    if n <= 0:
+        return pool
+    images = run.parts["distill"].subset(range(n))  # the eval view: as fitness sees its images
+    root = run.store.path(run.teacher_key, "batchnorm", digest(pool.root.name,
+                                                               images.fingerprint(),
+                                                               run.data_cfg))
+    with run.phase("calibrate") as rec:
+        pool = calibrate_pool(pool, images, root, runtime=run.runtime, progress=run.progress)
+        rec.update(images=n)
     return pool
 
 
 def fitness_step(run: RunInputs, pool: Pool) -> Fitness:
     """a_ij: every distilled op alone in the teacher, scored on the search part."""
     ok = pool.ok(run.candidates)
-    key = digest(pool.root.name, run.data_fp["search"], ok, run.recipe.fitness.loss)
+    key = digest(pool.key, run.data_fp["search"], ok, run.recipe.fitness.loss)
     path = run.store.path(run.teacher_key, "fitness", f"{key}.json")
 
     def compute() -> Fitness:
@@ -207,7 +217,7 @@ def redistill_step(run: RunInputs, pool: Pool, choices: list[str]) -> Student:
     student = pool.assemble(list(choices))
     if cfg.epochs <= 0 and not cfg.correct:
         return Student(student, {"key": "", "epochs": 0})
-    key = digest(pool.root.name, list(choices), cfg.__dict__, run.data_fp["distill"],
+    key = digest(pool.key, list(choices), cfg.__dict__, run.data_fp["distill"],
                  run.train_cfg if cfg.augment else None)
     path = run.store.path(run.teacher_key, "redistill", f"{key}.safetensors")
     out = _trained(run, "redistill", path, student, lambda: redistill(
@@ -223,7 +233,7 @@ def finetune_step(run: RunInputs, pool: Pool, choices: list[str],
     its distilled weights), finetuned on the distill part (the search part's loss logged per
     epoch); resumes at its epoch."""
     cfg = run.recipe.finetune
-    key = digest(pool.root.name, list(choices), cfg.__dict__, run.data_fp["distill"],
+    key = digest(pool.key, list(choices), cfg.__dict__, run.data_fp["distill"],
                  run.data_fp["search"], run.train_cfg if cfg.augment else None,
                  *([start.record["key"]] if start is not None and start.record.get("key")
                    else []))

@@ -1,5 +1,12 @@
 """The distilled pool: the distill phase's artifact (every candidate op's weights and result in
-the work dir), and the phase function that trains it."""
+the work dir), the phase function that trains it, and the BatchNorm recalibration that follows.
+
+Ops distil in train mode on augmented views, so their BatchNorm running statistics are those
+of augmented inputs; every later phase (fitness, candidate ranking) runs them in eval mode on
+the eval view. `calibrate_pool` re-estimates those statistics on the teacher's activations of
+eval-view distill images (`torch.optim.swa_utils.update_bn`) and keeps them beside the
+weights, so that an op is scored with the statistics of the inputs it is scored on.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +17,14 @@ import torch
 from torch import nn
 
 from .data import ImageSource
-from .distill import OpResult, distill, load_op, load_weights
+from .distill import OpResult, distill, load_weights
 from .latency import Latencies
 from .recipe import DistillCfg
 from .runtime import Runtime
 from .split import TEACHER, Split, TransformedNet
 from .store import Store
 
-__all__ = ["Pool", "distill_pool"]
+__all__ = ["Pool", "distill_pool", "calibrate_pool"]
 
 
 @dataclass
@@ -30,6 +37,12 @@ class Pool:
     root: Path
     results: dict[tuple[int, str], OpResult]
     skipped_slower: int = 0
+    bn_root: Path | None = None  # recalibrated BatchNorm statistics (`calibrate_pool`)
+
+    @property
+    def key(self) -> str:
+        """Names the pool's weights in the cache keys of the phases that use them."""
+        return self.root.name + (f"+bn-{self.bn_root.name}" if self.bn_root else "")
 
     @property
     def failed(self) -> list[dict]:
@@ -46,10 +59,19 @@ class Pool:
         return 0.0 if op == TEACHER else self.results[(layer, op)].loss
 
     def weights(self, layer: int, op: str) -> dict[str, torch.Tensor]:
-        return load_weights(self.store, self.root, layer, op)
+        """The op's distilled state dict, with its recalibrated BatchNorm statistics if any."""
+        state = load_weights(self.store, self.root, layer, op)
+        if self.bn_root is not None:
+            path = _bn_path(self.bn_root, layer, op)
+            if path.is_file():
+                state.update(self.store.load_tensors(path))
+        return state
 
     def op(self, layer: int, op: str) -> nn.Module:
-        return load_op(self.split, self.store, self.root, layer, op).eval()
+        module = self.split.build_op(layer, op)
+        if op != TEACHER:
+            module.load_state_dict(self.weights(layer, op))
+        return module.eval()
 
     def assemble(self, choices: list[str]) -> TransformedNet:
         """A student with the distilled weights of its chosen ops."""
@@ -67,3 +89,57 @@ def distill_pool(split: Split, candidates: dict[int, list[str]], images: ImageSo
     results = distill(split, train, images, cfg, store, root, progress, runtime=runtime)
     skipped = sum(len(v) for v in candidates.values()) - sum(len(v) for v in train.values())
     return Pool(split, store, root, results, skipped)
+
+
+def _bn_path(root: Path, layer: int, op: str) -> Path:
+    return root / f"{layer:03d}" / f"{op}.safetensors"
+
+
+def _bn_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    norms = {name for name, m in module.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()
+            if k.rpartition(".")[0] in norms and k.rpartition(".")[2] in (
+                "running_mean", "running_var", "num_batches_tracked")}
+
+
+@torch.no_grad()
+def calibrate_pool(pool: Pool, images: ImageSource, root: Path, *,
+                   runtime: Runtime | None = None, progress: bool = True) -> Pool:
+    """`pool` with every trained op's BatchNorm statistics re-estimated on the teacher's
+    activations of `images` (eval view) at its layer's input, stored under `root` (one file
+    per op with BatchNorm; resumable: ops already there are kept)."""
+    from torch.optim.swa_utils import update_bn
+    from tqdm import tqdm
+
+    runtime = runtime or Runtime.cpu()
+    todo: dict[int, list[str]] = {}
+    for (i, op), r in sorted(pool.results.items()):
+        if (r.status == "ok" and not _bn_path(root, i, op).is_file()
+                and _bn_buffers(pool.split.build_op(i, op))):
+            todo.setdefault(i, []).append(op)
+    if todo:
+        split = pool.split
+        net = runtime.module(split.stem).eval()
+        layers = [runtime.module(layer.module).eval() for layer in split.layers]
+        acts: dict[int, list[torch.Tensor]] = {i: [] for i in todo}
+        last = max(todo)
+        with torch.no_grad():
+            for batch in images.batches(32):
+                h = net(runtime.input(batch.x))
+                for i, layer in enumerate(layers[: last + 1]):
+                    if i in acts:
+                        acts[i].append(h)
+                    h = layer(h)
+        bar = tqdm(total=sum(map(len, todo.values())), desc="BatchNorm recalibration",
+                   disable=not progress)
+        for i, ops in todo.items():
+            for op in ops:
+                module = split.build_op(i, op)
+                module.load_state_dict(load_weights(pool.store, pool.root, i, op))
+                module = runtime.module(module)
+                update_bn(acts[i], module)
+                pool.store.save_tensors(_bn_path(root, i, op), _bn_buffers(module))
+                bar.update(1)
+        bar.close()
+    return Pool(pool.split, pool.store, pool.root, pool.results, pool.skipped_slower, root)

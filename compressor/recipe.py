@@ -89,6 +89,8 @@ class FitnessCfg:
     loss: str = "kl"  # kl: KL to the teacher's predictions; ce: cross-entropy where labelled
     max_accuracy_drop: float = 5.0
     donnav2_filter: bool = False  # per layer, drop ops dominated in distill loss and latency
+    bn_recalibrate_images: int = 0  # ops' BatchNorm statistics re-estimated on this many
+    # eval-view distill images before fitness and ranking (0: as distillation left them)
 
 
 @dataclass
@@ -283,6 +285,10 @@ def validate(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"recipe {source}: search.hardware_in_loop must be true or false")
     if not 0 < recipe.search.overlap <= 1:
         raise RecipeError(f"recipe {source}: search.overlap must be in (0, 1]")
+    n = recipe.fitness.bn_recalibrate_images
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise RecipeError(f"recipe {source}: fitness.bn_recalibrate_images is {n!r}; give a "
+                          "whole number >= 0 (0: off)")
     _validate_search_time(recipe.search, source)
     _validate_distill(recipe.distill, source)
     _validate_runtime(recipe.runtime, source)

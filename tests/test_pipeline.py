@@ -1,6 +1,7 @@
 """The pipeline from Python on a user's own module (a timm test model, random weights) and
 synthetic images; the output folder round trip through timm; artifact reuse and resume."""
 
+import copy
 import json
 import shutil
 
@@ -562,6 +563,44 @@ def _cand(run):
     n = min(run.recipe.data.candidate_eval_images, len(run.parts["search"]))
     cand = run.parts["search"].subset(range(n)).decode()
     return cand, predict(run.teacher, cand, run.runtime)
+
+
+def test_batchnorm_recalibration_gives_ops_the_statistics_of_eval_view_inputs(run_result,
+                                                                             monkeypatch):
+    """`fitness.bn_recalibrate_images`: every trained op with BatchNorm gets the running
+    statistics of the teacher's activations at its layer's input on that many distill images
+    (eval view); the phases after it see them, under their own cache keys; a second run reuses
+    the stored statistics."""
+    from torch.optim.swa_utils import update_bn
+
+    from compressor.distill import teacher_activations
+
+    d = run_result
+    recipe = d["kwargs"]["recipe"].override("fitness", bn_recalibrate_images=8)
+    run = compressor.prepare(d["teacher"], d["data"], "cpu", 0.6,
+                             **dict(d["kwargs"], recipe=recipe))
+    lat = pipeline.lut_step(run)
+    pool = pipeline.distill_step(run, lat)
+    assert pool.bn_root is not None and pool.key != pool.root.name
+    (i, op), = [k for k in sorted(pool.results) if k[1].startswith("efn")][:1]
+    x = torch.cat([b.x for b in run.parts["distill"].subset(range(8)).batches(8)])
+    raw = pool.split.build_op(i, op)
+    raw.load_state_dict(distill_mod.load_weights(pool.store, pool.root, i, op))
+    want = copy.deepcopy(raw)
+    update_bn([teacher_activations(pool.split, x)[i]], want)
+    got = pool.op(i, op).state_dict()
+    means = [k for k in got if k.endswith("running_mean")]
+    assert means
+    for k in means:
+        assert torch.allclose(got[k], want.state_dict()[k], atol=1e-5), k
+    assert any(not torch.allclose(got[k], raw.state_dict()[k]) for k in means)
+    def fail(*args, **kwargs):
+        raise AssertionError("the stored statistics should have been reused")
+
+    monkeypatch.setattr(torch.optim.swa_utils, "update_bn", fail)
+    again = pipeline.distill_step(run, lat)
+    assert again.key == pool.key
+    assert torch.equal(again.weights(i, op)[means[0]], got[means[0]])
 
 
 def test_a_lut_timed_the_old_way_is_measured_again_not_merged(run_result, tmp_path):

@@ -48,6 +48,7 @@ def test_recipe_values_are_checked(tmp_path):
     ("search:\n  total_time_limit: soon\n", "search.total_time_limit is 'soon'"),
     ("search:\n  rerank_top: -1\n", "search.rerank_top is -1"),
     ("search:\n  rerank_images: 0\n", "search.rerank_images is 0"),
+    ("fitness:\n  bn_recalibrate_images: -3\n", "fitness.bn_recalibrate_images is -3"),
     ("search:\n  time_limit: 0\n", "search.time_limit is 0"),
 ])
 def test_search_time_and_gap_are_checked(tmp_path, body, match):
