@@ -89,7 +89,7 @@ class FitnessCfg:
     loss: str = "kl"  # kl: KL to the teacher's predictions; ce: cross-entropy where labelled
     max_accuracy_drop: float = 5.0
     donnav2_filter: bool = False  # per layer, drop ops dominated in distill loss and latency
-    bn_recalibrate_images: int = 0  # ops' BatchNorm statistics re-estimated on this many
+    bn_recalibrate_images: int = 256  # ops' BatchNorm statistics re-estimated on this many
     # eval-view distill images before fitness and ranking (0: as distillation left them)
 
 
