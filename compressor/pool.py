@@ -128,8 +128,8 @@ def calibrate_pool(pool: Pool, images: ImageSource, root: Path, *,
             for batch in images.batches(32):
                 h = net(runtime.input(batch.x))
                 for i, layer in enumerate(layers[: last + 1]):
-                    if i in acts:
-                        acts[i].append(h)
+                    if i in acts:  # kept in host memory, one layer moved over at a time
+                        acts[i].append(h.cpu())
                     h = layer(h)
         bar = tqdm(total=sum(map(len, todo.values())), desc="BatchNorm recalibration",
                    disable=not progress)
@@ -138,8 +138,9 @@ def calibrate_pool(pool: Pool, images: ImageSource, root: Path, *,
                 module = split.build_op(i, op)
                 module.load_state_dict(load_weights(pool.store, pool.root, i, op))
                 module = runtime.module(module)
-                update_bn(acts[i], module)
+                update_bn(acts[i], module, device=runtime.device)
                 pool.store.save_tensors(_bn_path(root, i, op), _bn_buffers(module))
                 bar.update(1)
+            del acts[i]
         bar.close()
     return Pool(pool.split, pool.store, pool.root, pool.results, pool.skipped_slower, root)
