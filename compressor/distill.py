@@ -65,7 +65,6 @@ __all__ = [
     "OpResult",
     "distill",
     "teacher_activations",
-    "load_op",
     "load_weights",
     "op_seed",
     "auto_group_size",
@@ -110,14 +109,6 @@ def teacher_activations(split: Split, x: torch.Tensor) -> list[torch.Tensor]:
 def load_weights(store: Store, root: Path, layer: int, op: str) -> dict[str, torch.Tensor]:
     """The distilled state dict of (layer, op)."""
     return store.load_tensors(_files(root, layer, op)[0])
-
-
-def load_op(split: Split, store: Store, root: Path, layer: int, op: str) -> nn.Module:
-    """A candidate op with its distilled weights (the teacher op is the teacher's layer)."""
-    module = split.build_op(layer, op)
-    if op != TEACHER:
-        module.load_state_dict(load_weights(store, root, layer, op))
-    return module
 
 
 def _done(store: Store, root: Path, layer: int, op: str) -> OpResult | None:

@@ -124,20 +124,17 @@ def calibrate_pool(pool: Pool, images: ImageSource, root: Path, *,
         layers = [runtime.module(layer.module).eval() for layer in split.layers]
         acts: dict[int, list[torch.Tensor]] = {i: [] for i in todo}
         last = max(todo)
-        with torch.no_grad():
-            for batch in images.batches(32):
-                h = net(runtime.input(batch.x))
-                for i, layer in enumerate(layers[: last + 1]):
-                    if i in acts:  # kept in host memory, one layer moved over at a time
-                        acts[i].append(h.cpu())
-                    h = layer(h)
+        for batch in images.batches(32):
+            h = net(runtime.input(batch.x))
+            for i, layer in enumerate(layers[: last + 1]):
+                if i in acts:  # kept in host memory, one layer moved over at a time
+                    acts[i].append(h.cpu())
+                h = layer(h)
         bar = tqdm(total=sum(map(len, todo.values())), desc="BatchNorm recalibration",
                    disable=not progress)
         for i, ops in todo.items():
             for op in ops:
-                module = split.build_op(i, op)
-                module.load_state_dict(load_weights(pool.store, pool.root, i, op))
-                module = runtime.module(module)
+                module = runtime.module(pool.op(i, op))
                 update_bn(acts[i], module, device=runtime.device)
                 pool.store.save_tensors(_bn_path(root, i, op), _bn_buffers(module))
                 bar.update(1)
