@@ -232,8 +232,9 @@ def _candidate(split: Split, index: int, op: str, meta: bool) -> nn.Module:
     check: no weights are initialised and nothing is computed."""
     if not meta or op == TEACHER:
         return _deploy(split.build_op(index, op))
+    module = split.build_op(index, op, meta=True)
     with torch.device("meta"):
-        return ops_pool.reparameterize(split.build_op(index, op, check=False), inplace=True).eval()
+        return ops_pool.reparameterize(module, inplace=True).eval()
 
 
 def missing_entries(split: Split, arch_key: str, candidates: dict[int, list[str]],

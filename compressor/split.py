@@ -235,14 +235,16 @@ class Split:
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
-    def build_op(self, index: int, name: str, check: bool = True) -> nn.Module:
+    def build_op(self, index: int, name: str, check: bool = True,
+                 meta: bool = False) -> nn.Module:
         """A fresh candidate op `name` for layer `index` (``teacher`` copies the teacher layer);
-        `check` False skips the pool's forward check of its output shape."""
+        `check` False skips the pool's forward check of its output shape; `meta` builds a pool
+        op on the meta device, uninitialised (``ops_pool.build``)."""
         layer = self.layers[index]
         if name == TEACHER:
             return copy.deepcopy(layer.module)
         try:
-            return ops_pool.build(name, layer.in_shape, layer.out_shape, check=check)
+            return ops_pool.build(name, layer.in_shape, layer.out_shape, check=check, meta=meta)
         except ops_pool.OpsPoolError as exc:
             raise SplitError(
                 f"{self.model_name} layer {index} '{layer.name}' (input "

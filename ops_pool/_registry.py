@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._errors import OpShapeError, OpsPoolError, UnknownOpError
+from ._meta import on_meta
 
 __all__ = ["register", "unregister", "build", "list_ops", "valid_ops", "is_registered"]
 
@@ -144,12 +145,13 @@ def valid_ops(in_shape, out_shape) -> list[str]:
     return [n for n, e in _REGISTRY.items() if _accepts(e, in_shape, out_shape)]
 
 
-def build(name: str, in_shape, out_shape, check: bool = True) -> nn.Module:
+def build(name: str, in_shape, out_shape, check: bool = True, meta: bool = False) -> nn.Module:
     """Build op ``name`` for a layer with per-sample ``in_shape`` -> ``out_shape``.
 
     The module is checked with a forward pass on zeros of shape ``(2, *in_shape)`` (unless
     ``check`` is False: a caller that runs it next checks the shape itself) and returned in
-    train mode.
+    train mode. With ``meta`` it is built on the meta device, uninitialised and unchecked (for
+    shape and cost analysis: ``ops_pool._meta``).
     """
     entry = _entry(name)
     in_shape, out_shape = _as_shape(in_shape), _as_shape(out_shape)
@@ -159,7 +161,12 @@ def build(name: str, in_shape, out_shape, check: bool = True) -> nn.Module:
             f"op {name!r} does not accept in_shape {in_shape} -> out_shape {out_shape}; "
             "use ops_pool.valid_ops(in_shape, out_shape) to list the ops that do"
         )
-    module = entry.builder(in_shape, out_shape)
+    if meta:
+        with on_meta():
+            module = entry.builder(in_shape, out_shape)
+        check = False
+    else:
+        module = entry.builder(in_shape, out_shape)
     if not isinstance(module, nn.Module):
         raise OpsPoolError(f"{where} returned {type(module).__name__}, not an nn.Module")
     if not check:

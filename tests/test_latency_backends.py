@@ -58,9 +58,9 @@ def test_meta_built_op_traces_like_a_built_one(op, shape):
     if op not in ops_pool.valid_ops(shape, shape):
         pytest.skip(f"{op} does not fit {shape}")
     real = ops_pool.reparameterize(ops_pool.build(op, shape, shape)).eval()
+    meta = ops_pool.build(op, shape, shape, meta=True)
     with torch.device("meta"):
-        meta = ops_pool.reparameterize(ops_pool.build(op, shape, shape, check=False),
-                                       inplace=True)
+        meta = ops_pool.reparameterize(meta, inplace=True)
     fast = roofline.trace_kernels(meta, shape)
     assert next(meta.parameters()).device.type == "meta"
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -68,6 +68,27 @@ def test_meta_built_op_traces_like_a_built_one(op, shape):
     with sdpa_kernel(SDPBackend.MATH):
         reference = roofline._trace(real, torch.randn(1, *shape))
     assert fast == reference and len(fast) >= 2
+
+
+def test_meta_build_skips_init_only_on_meta():
+    """Inside ops_pool's meta build, torch's layers skip their init when on the meta device;
+    a module built meanwhile on the CPU (another thread) is initialised, and the layers'
+    own reset_parameters is back afterwards."""
+    import threading
+
+    from ops_pool._meta import on_meta
+
+    original = torch.nn.Conv2d.reset_parameters
+    built = {}
+    with on_meta():
+        meta = torch.nn.Conv2d(4, 4, 3)
+        worker = threading.Thread(target=lambda: built.setdefault(
+            "cpu", torch.nn.Conv2d(4, 4, 3, device="cpu")))
+        worker.start()
+        worker.join()
+    assert meta.weight.is_meta
+    assert built["cpu"].weight.abs().sum() > 0 and built["cpu"].bias.abs().sum() > 0
+    assert torch.nn.Conv2d.reset_parameters is original
 
 
 def test_estimator_needs_peak_figures():
