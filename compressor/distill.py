@@ -530,13 +530,15 @@ def _loss(kind: str, out: torch.Tensor, target: torch.Tensor, scale: float) -> t
     raise ValueError(f"distill.loss must be mse or nsr, got {kind!r}")
 
 
-def _optimizer(cfg: DistillCfg, params) -> torch.optim.Optimizer:
+def _optimizer(cfg: DistillCfg, params, inherited: bool = False) -> torch.optim.Optimizer:
     """SGD without weight decay (the paper's choice), or Adam for small calibration sets where
-    only a few hundred steps are possible."""
+    only a few hundred steps are possible; an op that starts from the teacher's weights
+    (`inherited`) trains at ``cfg.inherited_lr`` when set."""
+    lr = cfg.inherited_lr if inherited and cfg.inherited_lr is not None else cfg.lr
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=0.0)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=0.0)
+        return torch.optim.Adam(params, lr=lr, weight_decay=0.0)
     raise ValueError(f"distill.optimizer must be sgd or adam, got {cfg.optimizer!r}")
 
 
@@ -572,7 +574,7 @@ class _OpTrainer:
 
     def _make_optimizer(self) -> None:
         params = [p for p in self.module.parameters() if p.requires_grad]
-        self.opt = _optimizer(self.cfg, params) if params else None
+        self.opt = _optimizer(self.cfg, params, bool(self.inherited)) if params else None
         self.scaler = (torch.amp.GradScaler("cuda") if self.amp == torch.float16 and self.opt
                        else None)
 
