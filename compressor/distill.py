@@ -24,6 +24,10 @@ Images stream from disk (`ImagePart.batches`); with ``augment`` every batch is a
 view whose random draws depend only on (seed, epoch, image), so every op, schedule and rank sees
 the same views, and the teacher's targets come from the very view the op sees.
 
+An op that keeps an inherited start (``distill.inherit``) trains at ``distill.lr`` and, when
+``distill.inherited_lr`` is set, also at that rate from the same start on the same batches; the
+run whose last epoch ends at the lower loss is kept and its rate recorded (``OpResult.lr``).
+
 Each op's weights and result are one safetensors and one json file under
 ``root/{layer:03d}/{op}.*``; a run resumes by skipping the ops that have both. Rank 0 records
 how the last run was scheduled (ranks, ops each trained, device, seconds) in
@@ -87,6 +91,7 @@ class OpResult:
     reason: str = ""
     init_loss: float = float("nan")  # the loss of the first step, before any update
     inherited: str = ""  # what the op took from the teacher layer (ops_pool.inherit), or ""
+    lr: float | None = None  # the rate of the run kept (distill.lr or distill.inherited_lr)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -530,11 +535,9 @@ def _loss(kind: str, out: torch.Tensor, target: torch.Tensor, scale: float) -> t
     raise ValueError(f"distill.loss must be mse or nsr, got {kind!r}")
 
 
-def _optimizer(cfg: DistillCfg, params, inherited: bool = False) -> torch.optim.Optimizer:
+def _optimizer(cfg: DistillCfg, params, lr: float) -> torch.optim.Optimizer:
     """SGD without weight decay (the paper's choice), or Adam for small calibration sets where
-    only a few hundred steps are possible; an op that starts from the teacher's weights
-    (`inherited`) trains at ``cfg.inherited_lr`` when set."""
-    lr = cfg.inherited_lr if inherited and cfg.inherited_lr is not None else cfg.lr
+    only a few hundred steps are possible."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=0.0)
     if cfg.optimizer == "adam":
@@ -542,22 +545,40 @@ def _optimizer(cfg: DistillCfg, params, inherited: bool = False) -> torch.optim.
     raise ValueError(f"distill.optimizer must be sgd or adam, got {cfg.optimizer!r}")
 
 
+class _Run:
+    """One op's weights in training at one rate: optimizer, grad scaler and last-epoch loss."""
+
+    def __init__(self, module: nn.Module, cfg: DistillCfg, lr: float, amp: torch.dtype | None):
+        self.module, self.lr, self.failed = module, lr, ""
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.opt = _optimizer(cfg, params, lr) if params else None
+        self.scaler = (torch.amp.GradScaler("cuda") if amp == torch.float16 and self.opt
+                       else None)
+        self.sum, self.count = 0.0, 0
+
+    def loss(self) -> float:
+        return self.sum / self.count if self.count else float("nan")
+
+
 class _OpTrainer:
-    """One op with its own seed, optimizer (and grad scaler under AMP) and loss bookkeeping."""
+    """One op with its own seed, loss bookkeeping and one `_Run` per rate: ``distill.lr``, and
+    for an op that keeps an inherited start also ``distill.inherited_lr``, the run with the
+    lower last-epoch loss kept (a rate that trains an op from scratch can undo a start that is
+    already close, and a low one cannot move a start that is far)."""
 
     def __init__(self, split: Split, layer: int, op: str, ctx: _Context):
         self.layer, self.op, self.cfg = layer, op, ctx.cfg
         self.seed = op_seed(layer, op, ctx.cfg.seed)
         with _RNG_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            self.module = split.build_op(layer, op)
+            module = split.build_op(layer, op)
         # starts from the teacher layer's weights (ops_pool.inherit), kernels aligned to the
         # teacher's taps or centred; the first batch picks the closest of these and the own init
         self.starts: list[tuple[str, nn.Module]] = []
         if ctx.cfg.inherit and op != TEACHER:
             t = split.layers[layer]
             for align in (True, False):
-                m = copy.deepcopy(self.module)
+                m = copy.deepcopy(module)
                 what = ops_pool.inherit(m, t.module, t.in_shape, align=align)
                 if what and not any(_same_weights(m, other) for _, other in self.starts):
                     self.starts.append((what, m.to(ctx.device).train()))
@@ -565,24 +586,18 @@ class _OpTrainer:
         # one worker: anything random inside the op (dropout) draws from a stream of its own
         # (with several, the threads share the global generator)
         self.reseed = ctx.workers.n == 1
-        self.module = self.module.to(ctx.device).train()
         self.amp = ctx.amp
-        self._make_optimizer()
+        self.runs = [_Run(module.to(ctx.device).train(), self.cfg, self.cfg.lr, self.amp)]
         self.failed = ""
-        self.sum, self.count, self.steps = 0.0, 0, 0
+        self.steps = 0
         self.init_loss = float("nan")
-
-    def _make_optimizer(self) -> None:
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        self.opt = _optimizer(self.cfg, params, bool(self.inherited)) if params else None
-        self.scaler = (torch.amp.GradScaler("cuda") if self.amp == torch.float16 and self.opt
-                       else None)
 
     @torch.no_grad()
     def _choose_start(self, x: torch.Tensor, target: torch.Tensor, scale: float) -> None:
         """Keep whichever start (own init, inherited ones) has the lowest loss on this batch,
-        measured as training sees it (train mode); the norm statistics are left as they were."""
-        options = [("", self.module), *self.starts]
+        measured as training sees it (train mode); the norm statistics are left as they were.
+        An inherited start also gets a run at ``distill.inherited_lr``."""
+        options = [("", self.runs[0].module), *self.starts]
         losses = []
         for _, m in options:
             buffers = {k: b.clone() for k, b in m.named_buffers()}
@@ -594,10 +609,14 @@ class _OpTrainer:
             for k, b in m.named_buffers():
                 b.copy_(buffers[k])
         best = min(range(len(options)), key=losses.__getitem__)
-        self.inherited, self.module = options[best]
         self.starts = []
-        if best:
-            self._make_optimizer()
+        if not best:
+            return
+        self.inherited, module = options[best]
+        self.runs = [_Run(module, self.cfg, self.cfg.lr, self.amp)]
+        lr = self.cfg.inherited_lr
+        if lr is not None and lr != self.cfg.lr:
+            self.runs.append(_Run(copy.deepcopy(module), self.cfg, lr, self.amp))
 
     def step(self, x: torch.Tensor, target: torch.Tensor, scale: float, epoch: int, batch: int,
              last: bool) -> None:
@@ -605,41 +624,50 @@ class _OpTrainer:
             return
         if self.steps == 0 and self.starts:
             self._choose_start(x, target, scale)
-        if self.reseed:
-            torch.manual_seed((self.seed + self.steps) % 2**63)
         self.steps += 1
+        for run in self.runs:
+            if not run.failed:
+                self._step(run, x, target, scale, epoch, batch, last)
+        if all(run.failed for run in self.runs):
+            self.failed = self.runs[0].failed
+            _logger.warning("op %s on layer %d diverged: %s", self.op, self.layer, self.failed)
+
+    def _step(self, run: _Run, x: torch.Tensor, target: torch.Tensor, scale: float, epoch: int,
+              batch: int, last: bool) -> None:
+        if self.reseed:  # every run draws the same dropout masks
+            torch.manual_seed((self.seed + self.steps - 1) % 2**63)
         with torch.autocast(x.device.type, dtype=self.amp or torch.float16,
                             enabled=self.amp is not None):
-            out = self.module(x)
+            out = run.module(x)
         loss = _loss(self.cfg.loss, out.float(), target.float(), scale)
         if not torch.isfinite(loss):
-            self.failed = f"non-finite loss at epoch {epoch}, batch {batch}"
-            _logger.warning("op %s on layer %d diverged: %s", self.op, self.layer, self.failed)
+            run.failed = f"non-finite loss at epoch {epoch}, batch {batch}"
             return
-        if self.steps == 1:
+        if self.steps == 1 and run is self.runs[0]:
             self.init_loss = loss.item()
-        if self.opt is not None:
-            self.opt.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.opt)
-                self.scaler.update()
+        if run.opt is not None:
+            run.opt.zero_grad(set_to_none=True)
+            if run.scaler is not None:
+                run.scaler.scale(loss).backward()
+                run.scaler.step(run.opt)
+                run.scaler.update()
             else:
                 loss.backward()
-                self.opt.step()
+                run.opt.step()
         if last:
-            self.sum += loss.item() * len(out)
-            self.count += len(out)
+            run.sum += loss.item() * len(out)
+            run.count += len(out)
 
     def result(self) -> tuple[OpResult, dict[str, torch.Tensor]]:
         if self.failed:
-            res = OpResult(self.layer, self.op, float("nan"), "failed", self.failed,
-                           self.init_loss, self.inherited)
-        else:
-            loss = self.sum / self.count if self.count else float("nan")
-            res = OpResult(self.layer, self.op, loss, init_loss=self.init_loss,
-                           inherited=self.inherited)
-        return res, self.module.state_dict()
+            run = self.runs[0]
+            return (OpResult(self.layer, self.op, float("nan"), "failed", self.failed,
+                             self.init_loss, self.inherited), run.module.state_dict())
+        run = min((r for r in self.runs if not r.failed),
+                  key=lambda r: r.loss() if math.isfinite(r.loss()) else math.inf)
+        res = OpResult(self.layer, self.op, run.loss(), init_loss=self.init_loss,
+                       inherited=self.inherited, lr=run.lr)
+        return res, run.module.state_dict()
 
 
 def _train_group(split: Split, group, ctx: _Context,

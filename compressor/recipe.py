@@ -67,8 +67,8 @@ class DistillCfg:
     seed: int = 0  # each op's initialisation, the batch order and the views derive from it
     augment: bool = True  # train on augmented views (the teacher sees the same view)
     inherit: bool = True  # start each op from the teacher layer's weights where they align
-    inherited_lr: float | None = None  # the lr of an op that starts from the teacher's weights
-    # (None: lr); a rate that trains an op from scratch can wreck an inherited start
+    inherited_lr: float | None = None  # an op that keeps an inherited start also trains at
+    # this rate, the run with the lower last-epoch loss kept (None: lr only)
     # How and where ops train, not what they learn (left out of the artifact key; see
     # `result_dict`): every setting gives the same weights, within float rounding.
     group_size: int | str = "auto"  # ops per layer per teacher pass; auto: from free memory
