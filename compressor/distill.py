@@ -78,8 +78,9 @@ _logger = logging.getLogger(__name__)
 _MIB = 1 << 20
 _RNG_LOCK = threading.Lock()  # ops are built from the global generator, one at a time
 # joins the distillation artifacts' key: raised when the code changes what the same settings
-# train (2: ops start from the teacher's weights, ops_pool.inherit)
-ENGINE_VERSION = 2
+# train (2: ops start from the teacher's weights, ops_pool.inherit; 3: distill.inherited_lr
+# trains an inherited start at both rates and keeps the better run)
+ENGINE_VERSION = 3
 
 
 @dataclass

@@ -52,7 +52,10 @@ def test_compress_lite0_end_to_end(subset, tmp_path):
     assert report["eval_images"] == 50 and report["labelled_eval_images"] == 50
     # the real weights and the wnid -> index labels: the teacher is right on most images
     assert report["teacher"]["top1"] >= 70.0
-    assert report["speedup"]["predicted"] <= 0.7 + 1e-9
+    # the closed loop keeps a pick measured within the request, loosening the LUT budget when a
+    # pick measured faster than asked; a pick that never met it still fits the LUT budget
+    sp, tol = report["speedup"], report["recipe"]["search"]["tolerance"]
+    assert sp["measured"] <= 0.7 + tol or sp["predicted"] <= 0.7 + 1e-9
     # the new LUT was calibrated on networks measured end to end (search.calibration_archs: 6)
     assert report["phases"]["lut"]["calibration"]["archs"] == 6
     assert 0 < report["speedup"]["measured"] < 1.0
