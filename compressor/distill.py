@@ -486,10 +486,11 @@ def auto_group_size(split: Split, pending, acts1: list[torch.Tensor], cfg: Disti
     (allocator slack, the op's temporaries in backward, other processes).
     """
     states = {"sgd": 1 if cfg.momentum else 0, "adam": 2}.get(cfg.optimizer, 2)
+    runs = 1 if _inherited_rate(cfg) is None else 2  # an inherited start may train twice
     worst: dict[int, int] = {}
     for i, op in pending:
         m = split.build_op(i, op).to(device).train()
-        worst[i] = max(worst.get(i, 0), _op_bytes(m, acts1[i], states, bs))
+        worst[i] = max(worst.get(i, 0), _op_bytes(m, acts1[i], states, bs, runs))
     per_round = sum(worst.values())
     most = max(map(len, _by_layer(pending)))
     g = max(1, min(most, budget // max(per_round, 1)))
@@ -502,8 +503,10 @@ def auto_group_size(split: Split, pending, acts1: list[torch.Tensor], cfg: Disti
     return int(g)
 
 
-def _op_bytes(m: nn.Module, x1: torch.Tensor, states: int, bs: int) -> int:
-    """Training memory of op `m` at batch `bs`, from one forward on one sample `x1`."""
+def _op_bytes(m: nn.Module, x1: torch.Tensor, states: int, bs: int, runs: int = 1) -> int:
+    """Training memory of op `m` at batch `bs`, from one forward on one sample `x1`; `runs`
+    copies of its weights train one after the other (parameters, gradients and optimizer
+    state each, the activations of one at a time)."""
     params = {p.data_ptr() for p in m.parameters()}
     n_params = sum(p.numel() * p.element_size() for p in m.parameters() if p.requires_grad)
     saved: dict[tuple[int, int], int] = {}
@@ -516,7 +519,7 @@ def _op_bytes(m: nn.Module, x1: torch.Tensor, states: int, bs: int) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = m(x1)
     act = (sum(saved.values()) + 2 * out.numel() * out.element_size()) * bs
-    return n_params * (2 + states) + act
+    return n_params * (2 + states) * runs + act
 
 
 # ---------------------------------------------------------------------------------- training
@@ -544,6 +547,11 @@ def _optimizer(cfg: DistillCfg, params, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=0.0)
     raise ValueError(f"distill.optimizer must be sgd or adam, got {cfg.optimizer!r}")
+
+
+def _inherited_rate(cfg: DistillCfg) -> float | None:
+    """The second rate an inherited start trains at, or None (unset, or the same as lr)."""
+    return cfg.inherited_lr if cfg.inherited_lr not in (None, cfg.lr) else None
 
 
 class _Run:
@@ -615,8 +623,8 @@ class _OpTrainer:
             return
         self.inherited, module = options[best]
         self.runs = [_Run(module, self.cfg, self.cfg.lr, self.amp)]
-        lr = self.cfg.inherited_lr
-        if lr is not None and lr != self.cfg.lr:
+        lr = _inherited_rate(self.cfg)
+        if lr is not None:
             self.runs.append(_Run(copy.deepcopy(module), self.cfg, lr, self.amp))
 
     def step(self, x: torch.Tensor, target: torch.Tensor, scale: float, epoch: int, batch: int,
@@ -643,6 +651,9 @@ class _OpTrainer:
         loss = _loss(self.cfg.loss, out.float(), target.float(), scale)
         if not torch.isfinite(loss):
             run.failed = f"non-finite loss at epoch {epoch}, batch {batch}"
+            if len(self.runs) > 1:
+                _logger.info("op %s on layer %d: its run at lr %g diverged (%s)", self.op,
+                             self.layer, run.lr, run.failed)
             return
         if self.steps == 1 and run is self.runs[0]:
             self.init_loss = loss.item()
