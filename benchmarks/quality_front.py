@@ -15,7 +15,7 @@ measured end to end on the target and scored on the held-out part. One JSON line
 
     {"requested", "measured", "teacher_top1", "student_top1", "agreement", "baseline_top1",
      "baseline_agreement", "baseline_measured", "baseline_reached", "eval_images", "seconds",
-     "student_seconds", "data_seed", "choices", "baseline_choices"}
+     "student_seconds", "phase_seconds", "data_seed", "choices", "baseline_choices"}
 
 (``student_seconds``: up to the student's evaluation, what ``compress`` alone takes at that
 speedup in a work dir with what earlier rows cached; ``seconds`` adds the baseline.)
@@ -67,6 +67,7 @@ def run_speedup(model: str, data: Path, target: str, speedup: float, work_dir: P
     lat, pool, fit, sel, scores = st.lat, st.pool, st.fit, st.sel, st.scores
     measured = sel.measured_speedup  # timed in alternation with the teacher
     student_seconds = round(time.perf_counter() - t0, 1)  # what `compress` alone would take
+    phase_seconds = {k: v.get("seconds") for k, v in run.phases.items()}  # before the baseline's
 
     # the baseline drops blocks down to the student's *measured* speedup (in LUT terms), so the
     # two compare at equal measured latency as far as whole blocks allow
@@ -89,6 +90,7 @@ def run_speedup(model: str, data: Path, target: str, speedup: float, work_dir: P
         "eval_images": scores["student"]["images"],
         "seconds": round(time.perf_counter() - t0, 1),
         "student_seconds": student_seconds,
+        "phase_seconds": phase_seconds,
         "data_seed": seed,
         "choices": list(sel.best.choices),
         "baseline_choices": base.choices,

@@ -27,6 +27,9 @@ the same views, and the teacher's targets come from the very view the op sees.
 An op that keeps an inherited start (``distill.inherit``) trains at ``distill.lr`` and, when
 ``distill.inherited_lr`` is set, also at that rate from the same start on the same batches; the
 run whose last epoch ends at the lower loss is kept and its rate recorded (``OpResult.lr``).
+With ``distill.inherited_race`` below 1 the two runs race: at that fraction of the steps, the one
+with the higher mean loss over the second half of the steps so far stops (same batches, so the
+comparison is paired), which saves most of the second run's cost.
 
 Each op's weights and result are one safetensors and one json file under
 ``root/{layer:03d}/{op}.*``; a run resumes by skipping the ops that have both. Rank 0 records
@@ -564,6 +567,8 @@ class _Run:
         self.scaler = (torch.amp.GradScaler("cuda") if amp == torch.float16 and self.opt
                        else None)
         self.sum, self.count = 0.0, 0
+        self.race_sum, self.race_count = 0.0, 0  # over the race's window of steps
+        self.stopped = False  # lost the race
 
     def loss(self) -> float:
         return self.sum / self.count if self.count else float("nan")
@@ -600,6 +605,9 @@ class _OpTrainer:
         self.failed = ""
         self.steps = 0
         self.init_loss = float("nan")
+        # the step at which two runs race (compared on the steps after half of it), or None
+        race = ctx.cfg.inherited_race
+        self.race_at = math.ceil(race * len(ctx.batches)) if race < 1 else None
 
     @torch.no_grad()
     def _choose_start(self, x: torch.Tensor, target: torch.Tensor, scale: float) -> None:
@@ -635,11 +643,30 @@ class _OpTrainer:
             self._choose_start(x, target, scale)
         self.steps += 1
         for run in self.runs:
-            if not run.failed:
+            if not (run.failed or run.stopped):
                 self._step(run, x, target, scale, epoch, batch, last)
-        if all(run.failed for run in self.runs):
-            self.failed = self.runs[0].failed
+        if all(run.failed or run.stopped for run in self.runs):  # none trains on
+            self.failed = next(run.failed for run in self.runs if run.failed)
             _logger.warning("op %s on layer %d diverged: %s", self.op, self.layer, self.failed)
+        elif self.steps == self.race_at and len(self.runs) > 1:
+            self._race()
+
+    def _in_race_window(self) -> bool:
+        return self.race_at is not None and self.race_at / 2 < self.steps <= self.race_at
+
+    def _race(self) -> None:
+        """Stop the run whose mean loss over the race's window is higher (a failed run has lost
+        already; ties keep the first, ``distill.lr``)."""
+        alive = [r for r in self.runs if not r.failed]
+        if len(alive) < 2:
+            return
+        means = [r.race_sum / max(r.race_count, 1) for r in alive]
+        best = min(range(len(alive)), key=means.__getitem__)
+        for j, run in enumerate(alive):
+            if j != best:
+                run.stopped = True
+        _logger.debug("op %s on layer %d: the run at lr %g kept at step %d (window losses %s)",
+                      self.op, self.layer, alive[best].lr, self.steps, means)
 
     def _step(self, run: _Run, x: torch.Tensor, target: torch.Tensor, scale: float, epoch: int,
               batch: int, last: bool) -> None:
@@ -657,6 +684,9 @@ class _OpTrainer:
             return
         if self.steps == 1 and run is self.runs[0]:
             self.init_loss = loss.item()
+        if len(self.runs) > 1 and self._in_race_window():
+            run.race_sum += loss.item()
+            run.race_count += 1
         if run.opt is not None:
             run.opt.zero_grad(set_to_none=True)
             if run.scaler is not None:
@@ -675,7 +705,7 @@ class _OpTrainer:
             run = self.runs[0]
             return (OpResult(self.layer, self.op, float("nan"), "failed", self.failed,
                              self.init_loss, self.inherited), run.module.state_dict())
-        run = min((r for r in self.runs if not r.failed),
+        run = min((r for r in self.runs if not (r.failed or r.stopped)),
                   key=lambda r: r.loss() if math.isfinite(r.loss()) else math.inf)
         res = OpResult(self.layer, self.op, run.loss(), init_loss=self.init_loss,
                        inherited=self.inherited, lr=run.lr)

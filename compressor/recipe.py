@@ -69,6 +69,9 @@ class DistillCfg:
     inherit: bool = True  # start each op from the teacher layer's weights where they align
     inherited_lr: float | None = None  # an op that keeps an inherited start also trains at
     # this rate, the run with the lower last-epoch loss kept (None: lr only)
+    inherited_race: float = 0.5  # with inherited_lr: at this fraction of the steps the run
+    # with the higher mean loss over the second half of the steps so far stops (1: both train
+    # to the end)
     # How and where ops train, not what they learn (left out of the artifact key; see
     # `result_dict`): every setting gives the same weights, within float rounding.
     group_size: int | str = "auto"  # ops per layer per teacher pass; auto: from free memory
@@ -331,6 +334,9 @@ def _validate_distill(d: DistillCfg, source: str) -> None:
                           "auto, true or false")
     if not 0 < d.memory_fraction <= 1:
         raise RecipeError(f"recipe {source}: distill.memory_fraction must be in (0, 1]")
+    if isinstance(d.inherited_race, bool) or not 0 < d.inherited_race <= 1:
+        raise RecipeError(f"recipe {source}: distill.inherited_race is {d.inherited_race!r}; "
+                          "give a fraction of the steps in (0, 1] (1: both runs to the end)")
     if d.cache_max_mib < 0:
         raise RecipeError(f"recipe {source}: distill.cache_max_mib must be >= 0")
 

@@ -180,7 +180,8 @@ def test_an_inherited_start_also_trains_at_inherited_lr_and_the_lower_loss_is_ke
     weights, res = {}, {}
     for name, lr, inherited_lr in [("fast", 0.01, None), ("both", 0.01, 1e-4),
                                    ("slow", 1e-4, None)]:
-        cfg = DistillCfg(batch_size=4, optimizer="adam", lr=lr, inherited_lr=inherited_lr)
+        cfg = DistillCfg(batch_size=4, optimizer="adam", lr=lr, inherited_lr=inherited_lr,
+                         inherited_race=1.0)  # both to the end
         root = tmp_path / name
         res[name] = distill(s, cands, images, cfg, Store(root), root / "d", progress=False)
         weights[name] = {k: distill_mod.load_weights(Store(root), root / "d", *k)
@@ -197,3 +198,51 @@ def test_an_inherited_start_also_trains_at_inherited_lr_and_the_lower_loss_is_ke
     assert res["both"][inh].loss == pytest.approx(res[kept][inh].loss, rel=1e-6)
     assert same("both", kept, inh)
     assert DistillCfg(inherited_lr=0.001).result_dict() != DistillCfg().result_dict()
+
+
+def test_with_inherited_race_the_run_behind_at_the_race_stops_and_the_other_trains_on(
+        tmp_path, monkeypatch):
+    """`distill.inherited_race` 0.5: at half the steps the run with the higher mean loss over
+    the window (the second half of the steps so far) stops; the kept run trains to the end
+    exactly as it would alone, and the op takes fewer steps than with both runs to the end."""
+    torch.manual_seed(0)
+    s = compressor.split(timm.create_model("test_efficientnet").eval(), input_size=(3, 64, 64))
+    x = torch.randn(16, *s.input_size, generator=torch.Generator().manual_seed(3))
+    images = Images(x, torch.full((16,), -1))
+    inh = (1, "efnv2_3x3_e6_se1.00")
+    steps: dict[str, int] = {}
+    raced: list[list[tuple[float, float]]] = []
+    real_step, real_race = distill_mod._OpTrainer._step, distill_mod._OpTrainer._race
+
+    def counted(self, run, *a):
+        steps[current] = steps.get(current, 0) + 1
+        return real_step(self, run, *a)
+
+    def race(self):
+        raced.append([(r.lr, r.race_sum / r.race_count) for r in self.runs])
+        assert all(r.race_count == 2 for r in self.runs)  # steps 3-4 of 4 before the race
+        return real_race(self)
+
+    monkeypatch.setattr(distill_mod._OpTrainer, "_step", counted)
+    monkeypatch.setattr(distill_mod._OpTrainer, "_race", race)
+    weights, res = {}, {}
+    for current, lr, inherited_lr, race_at in [("fast", 0.01, None, 0.5),
+                                                ("slow", 1e-4, None, 0.5),
+                                                ("both", 0.01, 1e-4, 1.0),
+                                                ("race", 0.01, 1e-4, 0.5)]:
+        cfg = DistillCfg(batch_size=4, epochs=2, optimizer="adam", lr=lr,
+                         inherited_lr=inherited_lr, inherited_race=race_at)
+        root = tmp_path / current
+        res[current] = distill(s, {inh[0]: [inh[1]]}, images, cfg, Store(root), root / "d",
+                               progress=False)[inh]
+        weights[current] = distill_mod.load_weights(Store(root), root / "d", *inh)
+    assert res["race"].inherited
+    assert steps["fast"] == steps["slow"] == 8 and steps["both"] == 16
+    assert steps["race"] == 8 + 4  # the loser stopped after 4 of its 8 steps
+    assert len(raced) == 1  # only the op with two runs races
+    winner = min(raced[0], key=lambda r: r[1])[0]
+    solo = "fast" if winner == 0.01 else "slow"
+    assert res["race"].lr == winner
+    assert res["race"].loss == pytest.approx(res[solo].loss, rel=1e-6)
+    assert all(torch.equal(weights["race"][p], weights[solo][p]) for p in weights[solo])
+    assert DistillCfg(inherited_race=1.0).result_dict() != DistillCfg().result_dict()

@@ -50,6 +50,8 @@ def test_recipe_values_are_checked(tmp_path):
     ("search:\n  rerank_images: 0\n", "search.rerank_images is 0"),
     ("fitness:\n  bn_recalibrate_images: -3\n", "fitness.bn_recalibrate_images is -3"),
     ("search:\n  time_limit: 0\n", "search.time_limit is 0"),
+    ("distill:\n  inherited_race: 0\n", "distill.inherited_race is 0"),
+    ("distill:\n  inherited_race: 1.5\n", "distill.inherited_race is 1.5"),
 ])
 def test_search_time_and_gap_are_checked(tmp_path, body, match):
     p = tmp_path / "r.yaml"
