@@ -114,3 +114,51 @@ def test_correction_lowers_the_error_it_reports_and_leaves_teacher_layers(tmp_pa
                     progress=False)
     assert out["steps"] == 0 and out["correction"]["layers"].keys() == {1, 2}
     assert all(v["after"] < v["before"] for v in out["correction"]["layers"].values())
+
+
+@pytest.mark.parametrize("name, in_shape, out_shape", [
+    ("efnlite_3x3_e3", (16, 12, 12), (16, 12, 12)),  # with a skip connection
+    ("efnlite_5x5_e2", (16, 12, 12), (24, 6, 6)),  # without
+])
+def test_refit_tail_recovers_a_last_conv_and_agrees_in_train_and_eval_mode(name, in_shape,
+                                                                           out_shape):
+    """The target is the same op with another last conv and BatchNorm: the refit finds it (the
+    other layers are the same, so a linear map of the conv's input reaches it), and the refit
+    op computes the same in train mode on that batch as in eval mode."""
+    torch.manual_seed(0)
+    x = torch.randn(16, *in_shape)
+    op = ops_pool.build(name, in_shape, out_shape)
+    _bn_from_data(op, x)
+    other = copy.deepcopy(op)
+    conv, bn, _ = foldable_tail(other)
+    with torch.no_grad():
+        conv.weight.normal_()
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    _bn_from_data(other, x)  # (every norm redrawn: the target differs before the last conv too)
+    with torch.no_grad():
+        for a, b in zip(op.modules(), other.modules()):
+            if a is not foldable_tail(op)[0] and isinstance(a, torch.nn.Conv2d):
+                b.weight.copy_(a.weight)
+        for a, b in zip(op.modules(), other.modules()):
+            if isinstance(a, torch.nn.BatchNorm2d) and a is not foldable_tail(op)[1]:
+                b.load_state_dict(a.state_dict())
+        target = other.eval()(x)
+        before = float((op.eval()(x) - target).pow(2).mean() / target.pow(2).mean())
+    fit = compressor.correction.refit_tail(op, x, target)
+    assert fit is not None and fit["held_out_nmse"] < 1e-3
+    with torch.no_grad():
+        after = float((op.eval()(x) - target).pow(2).mean() / target.pow(2).mean())
+        train_out = copy.deepcopy(op).train()(x)
+        eval_out = op.eval()(x)
+    assert before > 0.1 and after < 1e-4
+    # (up to the earlier norms' unbiased running variance against the batch's biased one)
+    assert float((train_out - eval_out).abs().max()) < 2e-3 * float(target.abs().max())
+
+
+def test_refit_tail_leaves_an_op_without_a_1x1_conv_bn_tail_alone():
+    x = torch.randn(4, 16, 8, 8)
+    op = ops_pool.build("identity", (16, 8, 8), (16, 8, 8))
+    assert compressor.correction.refit_tail(op, x, x) is None
+    op = ops_pool.build("efnlite_3x3_e3", (16, 8, 8), (16, 8, 8))
+    assert compressor.correction.refit_tail(op, x[:1], x[:1]) is None  # one image: no folds
