@@ -22,9 +22,7 @@ from .data import ImageSource
 from .runtime import Runtime
 from .split import TEACHER, Split, TransformedNet
 
-__all__ = ["correct", "foldable_tail", "fold_linear", "refit_tail"]
-
-_RIDGES = (1e-3, 1e-2, 1e-1, 1.0)  # refit_tail's choices, relative to the mean input variance
+__all__ = ["correct", "foldable_tail", "fold_linear"]
 
 
 def foldable_tail(op: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d, bool] | None:
@@ -65,77 +63,6 @@ def fold_linear(conv: nn.Conv2d, bn: nn.BatchNorm2d, w: torch.Tensor, b: torch.T
     bn.running_var.copy_(v0.to(dt))
     bn.weight.copy_(torch.sqrt(v0 + bn.eps).to(dt))
     bn.bias.copy_((m0 + shift).to(dt))
-
-
-def _ridge_solve(h: torch.Tensor, r: torch.Tensor, ridge: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w, b) minimising ``|w h + b - r|^2 + reg |w|^2`` over the columns of h (K, n) and
-    r (C, n), float64, reg = ridge x the mean variance of h's rows."""
-    n, k = h.shape[1], h.shape[0]
-    mh, mr = h.mean(1), r.mean(1)
-    chh = h @ h.T / n - torch.outer(mh, mh)
-    chr_ = h @ r.T / n - torch.outer(mh, mr)
-    reg = ridge * max(float(torch.trace(chh)) / k, 1e-12)
-    w = torch.linalg.solve(chh + reg * torch.eye(k, dtype=h.dtype, device=h.device), chr_).T
-    return w, mr - w @ mh
-
-
-@torch.no_grad()
-def refit_tail(op: nn.Module, x: torch.Tensor, target: torch.Tensor) -> dict | None:
-    """Refit the last 1x1 conv and BatchNorm of `op` (a `foldable_tail`) in closed form, so that
-    ``op(x)`` is the least-squares fit to `target` given what the rest of `op` computes: as
-    channel pruning reconstructs a layer after dropping channels, for a start inherited from a
-    wider teacher block, whose kept channels alone miss most of the teacher's output. Ridge
-    regression per pixel, its strength chosen by 2-fold cross-validation over the images of
-    the batch; the BatchNorm gets the statistics of its new input, so the op computes the same
-    in train mode (on this batch) as in eval mode. The op's other buffers are left as they
-    were. Returns {'ridge', 'held_out_nmse'} (the chosen strength, and the normalised MSE of
-    the fit on the fold it did not see), or None when the op has no such tail, the conv is not
-    1x1 or the batch has fewer than 2 images."""
-    tail = foldable_tail(op)
-    if tail is None or len(x) < 2:
-        return None
-    conv, bn, residual = tail
-    if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding not in ((0, 0),
-                                                                                  "valid"):
-        return None
-    buffers = {k: b.clone() for k, b in op.named_buffers()}
-    seen: list[torch.Tensor] = []
-    hook = conv.register_forward_pre_hook(lambda m, inp: seen.append(inp[0]))
-    try:
-        op(x)
-    finally:
-        hook.remove()
-        for k, b in op.named_buffers():
-            b.copy_(buffers[k])
-    h = seen[-1].double()
-    r = (target - x if residual else target).double()
-
-    def cols(t: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (C, B*H*W)
-        return t.transpose(0, 1).reshape(t.shape[1], -1)
-
-    half = len(x) // 2
-    folds = [(slice(0, half), slice(half, None)), (slice(half, None), slice(0, half))]
-    scale = max(float(r.pow(2).mean()), 1e-12)
-    errors = []
-    for ridge in _RIDGES:
-        err = 0.0
-        for fit, held in folds:
-            w, b = _ridge_solve(cols(h[fit]), cols(r[fit]), ridge)
-            err += float((w @ cols(h[held]) + b[:, None] - cols(r[held])).pow(2).mean())
-        errors.append(err / len(folds) / scale)
-    best = min(range(len(_RIDGES)), key=errors.__getitem__)
-    hh = cols(h)
-    w, b = _ridge_solve(hh, cols(r), _RIDGES[best])
-    z = w @ hh
-    dt = conv.weight.dtype
-    conv.weight.copy_(w.reshape(conv.weight.shape).to(dt))
-    mean, var = z.mean(1), z.var(1, unbiased=False)
-    bn.running_mean.copy_(mean.to(dt))
-    bn.running_var.copy_(var.to(dt))
-    bn.weight.copy_(torch.sqrt(var + bn.eps).to(dt))
-    bn.bias.copy_((mean + b).to(dt))
-    return {"ridge": _RIDGES[best], "held_out_nmse": errors[best]}
 
 
 class _Moments:

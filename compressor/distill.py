@@ -62,7 +62,6 @@ import ops_pool
 
 from . import _parallel
 from ._errors import ArtifactError, DistillError
-from .correction import refit_tail
 from .data import ImageSource
 from .recipe import DistillCfg
 from .runtime import Runtime
@@ -615,10 +614,6 @@ class _OpTrainer:
         """Keep whichever start (own init, inherited ones) has the lowest loss on this batch,
         measured as training sees it (train mode); the norm statistics are left as they were.
         An inherited start also gets a run at ``distill.inherited_lr``."""
-        if self.cfg.inherit_refit:  # each inherited start's last conv + norm fitted first
-            for j, (what, m) in enumerate(self.starts):
-                if refit_tail(m, x, target) is not None:
-                    self.starts[j] = (f"{what}, tail refit", m)
         options = [("", self.runs[0].module), *self.starts]
         losses = []
         for _, m in options:

@@ -67,8 +67,6 @@ class DistillCfg:
     seed: int = 0  # each op's initialisation, the batch order and the views derive from it
     augment: bool = True  # train on augmented views (the teacher sees the same view)
     inherit: bool = True  # start each op from the teacher layer's weights where they align
-    inherit_refit: bool = False  # an inherited start's last 1x1 conv + BatchNorm refit in
-    # closed form on the first batch (least squares given its kept channels)
     inherited_lr: float | None = None  # an op that keeps an inherited start also trains at
     # this rate, the run with the lower last-epoch loss kept (None: lr only)
     inherited_race: float = 0.5  # with inherited_lr: at this fraction of the steps the run

@@ -246,23 +246,3 @@ def test_with_inherited_race_the_run_behind_at_the_race_stops_and_the_other_trai
     assert res["race"].loss == pytest.approx(res[solo].loss, rel=1e-6)
     assert all(torch.equal(weights["race"][p], weights[solo][p]) for p in weights[solo])
     assert DistillCfg(inherited_race=1.0).result_dict() != DistillCfg().result_dict()
-
-
-def test_inherit_refit_fits_a_narrower_start_s_last_conv_before_the_starts_compete(tmp_path):
-    """`distill.inherit_refit`: an op that keeps fewer of the teacher's hidden channels starts
-    with its last 1x1 conv + BatchNorm refit on the first batch, so its first-step loss is
-    lower than the plain inherited start's, and the record says so."""
-    torch.manual_seed(0)
-    s = compressor.split(timm.create_model("test_efficientnet").eval(), input_size=(3, 64, 64))
-    x = torch.randn(16, *s.input_size, generator=torch.Generator().manual_seed(3))
-    images = Images(x, torch.full((16,), -1))
-    key = (1, "efnv2_3x3_e3_se1.00")  # fewer hidden channels than the teacher block's
-    res = {}
-    for refit in (False, True):
-        cfg = DistillCfg(batch_size=8, lr=1e-4, inherit_refit=refit)
-        root = tmp_path / str(refit)
-        res[refit] = distill(s, {key[0]: [key[1]]}, images, cfg, Store(root), root / "d",
-                             progress=False)[key]
-    assert res[False].inherited and "refit" not in res[False].inherited
-    assert res[True].inherited.endswith("tail refit")
-    assert res[True].init_loss < res[False].init_loss
