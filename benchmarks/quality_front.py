@@ -9,13 +9,15 @@ CLI would pick) on ``--data``, in one work dir, so the LUT, the distilled pool a
 table are computed once and shared by every speedup. In the same run, the baseline drops whole
 same-shape blocks (``compressor.baseline.drop_blocks``: identity, greedily by accuracy drop per
 millisecond saved) down to the student's measured speedup (as a share of the teacher's LUT
-latency, so that both compare at equal measured latency as far as whole blocks allow), then
-gets the same finetune. Both are
+latency; where the LUT overshoots and the baseline measures faster than the student beyond
+``search.tolerance``, the last drops are undone while it stays within it, so that both compare
+at equal measured latency as far as whole blocks allow), then gets the same finetune. Both are
 measured end to end on the target and scored on the held-out part. One JSON line per speedup:
 
     {"requested", "measured", "teacher_top1", "student_top1", "agreement", "baseline_top1",
-     "baseline_agreement", "baseline_measured", "baseline_reached", "eval_images", "seconds",
-     "student_seconds", "phase_seconds", "data_seed", "choices", "baseline_choices"}
+     "baseline_agreement", "baseline_measured", "baseline_reached", "baseline_backed_off",
+     "eval_images", "seconds", "student_seconds", "phase_seconds", "data_seed", "choices",
+     "baseline_choices"}
 
 (``student_seconds``: up to the student's evaluation, what ``compress`` alone takes at that
 speedup in a work dir with what earlier rows cached; ``seconds`` adds the baseline.)
@@ -69,14 +71,24 @@ def run_speedup(model: str, data: Path, target: str, speedup: float, work_dir: P
     student_seconds = round(time.perf_counter() - t0, 1)  # what `compress` alone would take
     phase_seconds = {k: v.get("seconds") for k, v in run.phases.items()}  # before the baseline's
 
-    # the baseline drops blocks down to the student's *measured* speedup (in LUT terms), so the
-    # two compare at equal measured latency as far as whole blocks allow
+    # the baseline drops blocks down to the student's *measured* speedup (in LUT terms), then,
+    # where its own measurement is faster than the student's beyond the search's tolerance,
+    # undoes the last drop while the network stays within it: the two compare at equal
+    # measured latency as far as whole blocks allow, not with the LUT's overshoot
     goal = measured if measured else (lat.fixed_ms + sel.best.latency_ms) / lat.teacher_ms
     base = drop_blocks(lat, fit, goal * lat.teacher_ms)
-    b_student = finetune_step(run, pool, base.choices)
-    b_scores = evaluate_step(run, b_student.model)
     measurer = Measurer(run.lut, run.lut_path, run.teacher, run.input_size)
     b_pm = measurer.paired(pool.assemble(base.choices))
+    backed_off = 0
+    tol = run.recipe.search.tolerance
+    while measured and b_pm and base.order and b_pm.ratio < measured - tol:
+        back = base.undo_last(lat)
+        back_pm = measurer.paired(pool.assemble(back.choices))
+        if back_pm is None or back_pm.ratio > measured + tol:
+            break  # one drop fewer would be slower than the student
+        base, b_pm, backed_off = back, back_pm, backed_off + 1
+    b_student = finetune_step(run, pool, base.choices)
+    b_scores = evaluate_step(run, b_student.model)
     return {
         "requested": speedup,
         "measured": measured,
@@ -87,6 +99,7 @@ def run_speedup(model: str, data: Path, target: str, speedup: float, work_dir: P
         "baseline_agreement": b_scores["student"].get("agreement"),
         "baseline_measured": b_pm.ratio if b_pm else None,
         "baseline_reached": base.reached,
+        "baseline_backed_off": backed_off,  # drops undone after measuring
         "eval_images": scores["student"]["images"],
         "seconds": round(time.perf_counter() - t0, 1),
         "student_seconds": student_seconds,

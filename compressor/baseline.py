@@ -25,6 +25,18 @@ class BlockDrop:
     choices: list[str]  # "teacher" or "identity" per layer
     predicted_ms: float  # LUT: stem, head and the layers kept
     reached: bool  # whether the budget was met (dropping every droppable block may not)
+    order: list[int]  # the layers dropped, in the greedy order (the last is the first to undo)
+
+    def undo_last(self, lat: Latencies) -> BlockDrop:
+        """The same drops less the last one: a step back where the LUT's prediction overshot
+        and a measurement says the network is faster than it had to be."""
+        if not self.order:
+            raise ValueError("no block was dropped, so there is none to undo")
+        i = self.order[-1]
+        choices = list(self.choices)
+        choices[i] = TEACHER
+        ms = self.predicted_ms + lat.b[i][TEACHER] - lat.b[i][IDENTITY]
+        return BlockDrop(choices, ms, self.reached, self.order[:-1])
 
 
 def drop_blocks(lat: Latencies, fit: Fitness, budget_ms: float) -> BlockDrop:
@@ -41,9 +53,11 @@ def drop_blocks(lat: Latencies, fit: Fitness, budget_ms: float) -> BlockDrop:
 
     droppable = [i for i in range(n) if IDENTITY in lat.b[i] and IDENTITY in fit.a[i]
                  and lat.b[i][IDENTITY] < lat.b[i][TEACHER]]
+    order: list[int] = []
     for i in sorted(droppable, key=cost):
         if total <= budget_ms:
             break
         choices[i] = IDENTITY
+        order.append(i)
         total -= lat.b[i][TEACHER] - lat.b[i][IDENTITY]
-    return BlockDrop(choices, total, total <= budget_ms)
+    return BlockDrop(choices, total, total <= budget_ms, order)

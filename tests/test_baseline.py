@@ -1,6 +1,8 @@
 """The block-dropping baseline: the cheapest blocks per millisecond go first, and it stops as
 soon as the budget is met (or says it could not be)."""
 
+import pytest
+
 from compressor.baseline import drop_blocks
 from compressor.fitness import Fitness
 from compressor.latency import Latencies
@@ -31,6 +33,18 @@ def test_drops_the_cheapest_blocks_per_millisecond_until_the_budget():
     three = drop_blocks(lat, fit, 4.5)
     assert three.choices == ["teacher", "identity", "identity", "identity"]
     assert three.predicted_ms == 4.0 and three.reached
+    assert three.order == [3, 2, 1]
+
+
+def test_undoing_the_last_drop_gives_the_previous_step():
+    """Where a measurement says the LUT overshot, the front script steps back one drop."""
+    lat, fit = _tables()
+    back = drop_blocks(lat, fit, 4.5).undo_last(lat)
+    two = drop_blocks(lat, fit, 6.0)
+    assert back.choices == two.choices and back.order == two.order == [3, 2]
+    assert back.predicted_ms == two.predicted_ms == 6.0
+    with pytest.raises(ValueError, match="none to undo"):
+        drop_blocks(lat, fit, 100.0).undo_last(lat)
 
 
 def test_says_when_dropping_every_block_is_not_enough():
