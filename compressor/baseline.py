@@ -36,6 +36,8 @@ class BlockDrop:
         choices = list(self.choices)
         choices[i] = TEACHER
         ms = self.predicted_ms + lat.b[i][TEACHER] - lat.b[i][IDENTITY]
+        # `reached` stays: it says whether greedy dropping could meet the budget at all; the
+        # step back is judged by a measurement, so `predicted_ms` may now exceed that budget
         return BlockDrop(choices, ms, self.reached, self.order[:-1])
 
 
