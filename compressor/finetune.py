@@ -70,8 +70,10 @@ def finetune(
     training and search-part losses, which weights were kept, the epoch it resumed from).
 
     Args:
-        val: the search part: its loss is logged per epoch; the weights kept at the end are the
-            epoch's (raw or EMA) with the lowest one, and ``cfg.patience`` stops on it.
+        val: the search part: its loss is logged before training, after the feature stage and
+            per epoch; the weights kept at the end are those with the lowest one (``kept``:
+            ``start`` or ``features`` at ``kept_epoch`` 0, else ``raw`` or ``ema``), and
+            ``cfg.patience`` stops on it.
         runtime: device and autocast (default: the CPU, fp32).
         checkpoint: a file for the per-epoch checkpoint (resumed from when present).
         teacher_features: for ``cfg.feature_epochs``: a module whose ``forward_features(x)``
@@ -82,7 +84,7 @@ def finetune(
 
     rec: dict = {"epochs": cfg.epochs, "steps": 0, "final_loss": None, "history": [],
                  "kept": "raw", "kept_epoch": None, "resumed_from_epoch": 0,
-                 "feature_stage": None}
+                 "feature_stage": None, "start_search_loss": None}
     if cfg.epochs <= 0 and cfg.feature_epochs <= 0:
         return rec
     runtime = runtime or Runtime.cpu()
@@ -110,11 +112,16 @@ def finetune(
     start = 0
     best: dict = {"loss": math.inf}  # the epoch and weights (raw or EMA) with the lowest loss
     resuming = checkpoint is not None and checkpoint.is_file()
-    if not resuming and cfg.feature_epochs > 0:  # a resumed finetune has it in its weights
-        if teacher_features is None:
+    if not resuming:
+        if cfg.feature_epochs > 0 and teacher_features is None:
             raise ValueError("finetune.feature_epochs needs teacher_features")
-        rec["feature_stage"] = _feature_stage(net, runtime.module(teacher_features).eval(),
-                                              images, cfg, runtime, seed, progress)
+        # the weights before any training are candidates too (epoch 0): on a small set the
+        # finetune can end further from the teacher than it began, and the search part says so
+        _consider(best, "start", net, val, t_val, runtime, rec)
+        if cfg.feature_epochs > 0:  # a resumed finetune has it in its weights
+            rec["feature_stage"] = _feature_stage(net, runtime.module(teacher_features).eval(),
+                                                  images, cfg, runtime, seed, progress)
+            _consider(best, "features", net, val, t_val, runtime, rec["feature_stage"])
     ema = ModelEmaV3(net, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
     if resuming:
         start = _resume(checkpoint, net, optimizer, ema, scaler, rec, best)
@@ -304,9 +311,26 @@ def _val_loss(model: nn.Module, val: ImageSource, t_val: Logits, runtime: Runtim
     return mean_loss(predict(model, val, runtime), t_val)
 
 
+def _consider(best: dict, which: str, model: nn.Module, val: ImageSource | None,
+              t_val: Logits | None, runtime: Runtime, rec: dict | None) -> None:
+    """Before the first epoch: `model`'s search-part loss (into ``rec["search_loss"]``), and
+    its weights as the best so far (epoch 0, `which`) when lower. Nothing without a search part."""
+    if val is None or t_val is None:
+        return
+    loss = _val_loss(model, val, t_val, runtime)
+    if rec is not None:
+        rec["search_loss" if which == "features" else "start_search_loss"] = loss
+    _logger.info("finetune: search-part loss %.4f %s", loss,
+                 "after the feature stage" if which == "features" else "before training")
+    if loss < best["loss"]:
+        best.update(loss=loss, epoch=0, which=which,
+                    state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+
+
 def _save(path: Path, epoch: int, net, optimizer, ema, scaler, rec: dict, best: dict) -> None:
     state = {"epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-             "history": rec["history"], "feature_stage": rec["feature_stage"]}
+             "history": rec["history"], "feature_stage": rec["feature_stage"],
+             "start_search_loss": rec["start_search_loss"]}
     if "state" in best:
         state["best"] = best
     if ema is not None:
@@ -332,6 +356,7 @@ def _resume(path: Path, net, optimizer, ema, scaler, rec: dict, best: dict) -> i
                             "start the finetune again") from e
     rec["history"] = list(state["history"])
     rec["feature_stage"] = state.get("feature_stage")
+    rec["start_search_loss"] = state.get("start_search_loss")
     if "best" in state:
         best.update(state["best"])
     rec["resumed_from_epoch"] = int(state["epoch"])

@@ -65,6 +65,7 @@ def test_an_interrupted_finetune_resumes_at_its_epoch_with_the_same_result(setup
     # kept: the epoch and weights (raw or EMA) with the lowest search-part loss
     losses = {(h["epoch"], w): h["search_loss" if w == "raw" else "search_loss_ema"]
               for h in ref["history"] for w in ("raw", "ema")}
+    losses[(0, "start")] = ref["start_search_loss"]  # the untrained weights compete too
     assert (ref["kept_epoch"], ref["kept"]) == min(losses, key=losses.get)
 
     save = finetune_mod._save
@@ -83,6 +84,7 @@ def test_an_interrupted_finetune_resumes_at_its_epoch_with_the_same_result(setup
     rec = finetune(resumed, teacher, part, CFG, progress=False, val=val,
                    checkpoint=tmp_path / "b.ckpt")
     assert rec["resumed_from_epoch"] == 1 and rec["history"] == ref["history"]
+    assert rec["start_search_loss"] == ref["start_search_loss"]
     for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -108,7 +110,7 @@ def test_patience_stops_and_the_best_epoch_is_kept(setup, monkeypatch, tmp_path)
     """Search-part losses that only rise after epoch 1: patience 1 stops after epoch 2 and the
     student ends with epoch 1's weights (the EMA ones here, given a lower loss)."""
     teacher, s, choices, part, val = setup
-    losses = iter([1.0, 0.9, 1.5, 1.6, 2.0, 2.1])  # raw, EMA per epoch
+    losses = iter([3.0, 1.0, 0.9, 1.5, 1.6, 2.0, 2.1])  # before training, then raw, EMA
     monkeypatch.setattr(finetune_mod, "_val_loss", lambda *a: next(losses))
     kept = {}
     real_save = finetune_mod._save
@@ -126,6 +128,39 @@ def test_patience_stops_and_the_best_epoch_is_kept(setup, monkeypatch, tmp_path)
     assert rec["stopped_early_after_epoch"] == 2 and len(rec["history"]) == 2
     assert (rec["kept"], rec["kept_epoch"]) == ("ema", 1)
     assert all(torch.equal(kept[k], v) for k, v in student.state_dict().items())
+
+
+@pytest.mark.parametrize("order,kept", [([0.5, 0.7, 0.9, 0.8, 1.0, 1.1], "start"),
+                                        ([0.9, 0.5, 0.7, 0.8, 1.0, 1.1], "features")])
+def test_a_finetune_that_only_moves_away_from_the_teacher_keeps_the_weights_it_began_with(
+        setup, monkeypatch, order, kept):
+    """Search-part losses lowest before training, or after the feature stage: the student ends
+    with the weights it had at that point (epoch 0), not any epoch's."""
+    teacher, s, choices, part, val = setup
+    features = s.assemble(["teacher"] * len(s.layers)).eval()
+    cfg = FinetuneCfg(epochs=2, batch_size=4, opt="adamw", lr=1e-2, ema_decay=0.9,
+                      feature_epochs=1)
+    losses = iter(order)  # before training, after the feature stage, then raw, EMA per epoch
+    monkeypatch.setattr(finetune_mod, "_val_loss", lambda *a: next(losses))
+    after_features = {}
+    real = finetune_mod._feature_stage
+
+    def stage(net, *a, **k):
+        out = real(net, *a, **k)
+        after_features.update({n: v.clone() for n, v in net.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(finetune_mod, "_feature_stage", stage)
+    student = s.assemble(choices)
+    before = copy.deepcopy(student.state_dict())
+    rec = finetune(student, teacher, part, cfg, progress=False, val=val,
+                   teacher_features=features)
+    assert (rec["kept"], rec["kept_epoch"]) == (kept, 0) and len(rec["history"]) == 2
+    assert rec["start_search_loss"] == order[0]
+    assert rec["feature_stage"]["search_loss"] == order[1]
+    assert any(not torch.equal(before[k], v) for k, v in after_features.items())
+    want = before if kept == "start" else after_features
+    assert all(torch.equal(want[k], v) for k, v in student.state_dict().items())
 
 
 def _calibrated(teacher, part):
