@@ -110,7 +110,7 @@ def finetune(
     t_val = predict(teacher, val, runtime) if val is not None else None
 
     start = 0
-    best: dict = {"loss": math.inf}  # the epoch and weights (raw or EMA) with the lowest loss
+    best: dict = {"loss": math.inf}  # the weights with the lowest search-part loss
     resuming = checkpoint is not None and checkpoint.is_file()
     if not resuming:
         if cfg.feature_epochs > 0 and teacher_features is None:
@@ -208,7 +208,7 @@ def finetune(
             np.random.set_state(np_state)
             bar.close()
     last = rec["history"][-1] if rec["history"] else {}
-    if "state" in best:  # the lowest search-part loss of any epoch, raw or EMA
+    if "state" in best:  # the lowest search-part loss: epoch 0, or an epoch's raw/EMA
         student.load_state_dict(best["state"])
         rec["kept"], rec["kept_epoch"] = best["which"], best["epoch"]
     elif net is not student:
