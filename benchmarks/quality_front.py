@@ -17,7 +17,7 @@ measured end to end on the target and scored on the held-out part. One JSON line
     {"requested", "measured", "teacher_top1", "student_top1", "agreement", "baseline_top1",
      "baseline_agreement", "baseline_measured", "baseline_reached", "baseline_backed_off",
      "eval_images", "seconds", "student_seconds", "phase_seconds", "data_seed", "choices",
-     "baseline_choices"}
+     "baseline_choices", "finetune_kept", "baseline_finetune_kept"}
 
 (``student_seconds``: up to the student's evaluation, what ``compress`` alone takes at that
 speedup in a work dir with what earlier rows cached; ``seconds`` adds the baseline.)
@@ -107,8 +107,20 @@ def run_speedup(model: str, data: Path, target: str, speedup: float, work_dir: P
         "data_seed": seed,
         "choices": list(sel.best.choices),
         "baseline_choices": base.choices,
+        "finetune_kept": _kept(st.student.record),
+        "baseline_finetune_kept": _kept(b_student.record),
         "search_rounds": [_round(r) for r in sel.rounds],
     }
+
+
+def _kept(rec: dict) -> dict:
+    """Which weights the finetune kept (epoch 0: before training or after the feature stage)
+    and the search-part losses it chose among."""
+    return {"kept": rec.get("kept"), "epoch": rec.get("kept_epoch"),
+            "start_loss": rec.get("start_search_loss"),
+            "features_loss": (rec.get("feature_stage") or {}).get("search_loss"),
+            "epoch_losses": [[h.get("search_loss"), h.get("search_loss_ema")]
+                             for h in rec.get("history", [])]}
 
 
 def _round(r: dict) -> dict:
