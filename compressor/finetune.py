@@ -117,11 +117,13 @@ def finetune(
             raise ValueError("finetune.feature_epochs needs teacher_features")
         # the weights before any training are candidates too (epoch 0): on a small set the
         # finetune can end further from the teacher than it began, and the search part says so
-        _consider(best, "start", net, val, t_val, runtime, rec)
+        if cfg.keep_start:
+            _consider(best, "start", net, val, t_val, runtime, rec)
         if cfg.feature_epochs > 0:  # a resumed finetune has it in its weights
             rec["feature_stage"] = _feature_stage(net, runtime.module(teacher_features).eval(),
                                                   images, cfg, runtime, seed, progress)
-            _consider(best, "features", net, val, t_val, runtime, rec["feature_stage"])
+            if cfg.keep_start:
+                _consider(best, "features", net, val, t_val, runtime, rec["feature_stage"])
     ema = ModelEmaV3(net, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
     if resuming:
         start = _resume(checkpoint, net, optimizer, ema, scaler, rec, best)

@@ -154,6 +154,7 @@ class FinetuneCfg:
     ema_decay: float = 0.998  # timm ModelEmaV3 with warm-up (0: no EMA)
     clip_grad: float | None = None  # gradient norm clip (None: off)
     patience: int | None = None  # stop after this many epochs without a lower search loss
+    keep_start: bool = True  # the weights before training compete with the epochs' (epoch 0)
     feature_epochs: int = 0  # first match the teacher's features (the head's input)
     feature_lr: float | None = None  # the feature stage's lr (None: lr)
     feature_match: str = "last"  # last: the head's input; layers: every layer's output

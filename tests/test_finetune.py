@@ -163,6 +163,17 @@ def test_a_finetune_that_only_moves_away_from_the_teacher_keeps_the_weights_it_b
     assert all(torch.equal(want[k], v) for k, v in student.state_dict().items())
 
 
+def test_keep_start_false_keeps_an_epochs_weights_however_the_start_scored(setup, monkeypatch):
+    teacher, s, choices, part, val = setup
+    losses = iter([1.0, 0.9, 0.8, 0.95])  # raw, EMA per epoch: never asked before training
+    monkeypatch.setattr(finetune_mod, "_val_loss", lambda *a: next(losses))
+    cfg = FinetuneCfg(epochs=2, batch_size=4, opt="adamw", lr=1e-3, ema_decay=0.9,
+                      keep_start=False)
+    rec = finetune(s.assemble(choices), teacher, part, cfg, progress=False, val=val)
+    assert rec["start_search_loss"] is None
+    assert (rec["kept"], rec["kept_epoch"]) == ("raw", 2)
+
+
 def _calibrated(teacher, part):
     """A copy of `teacher` with the norm statistics of these images, as a trained one has (the
     feature stage trains in train mode, on batch statistics)."""
