@@ -193,10 +193,7 @@ def finetune(
                     if ema is not None:
                         weights.append(("ema", ema.module, "search_loss_ema"))
                     for which, m, key in weights:
-                        if entry[key] < best["loss"]:
-                            best.update(loss=entry[key], epoch=epoch + 1, which=which,
-                                        state={k: v.detach().cpu().clone()
-                                               for k, v in m.state_dict().items()})
+                        _keep_if_lower(best, entry[key], epoch + 1, which, m)
                 rec["history"].append(entry)
                 if checkpoint is not None:
                     _save(checkpoint, epoch + 1, net, optimizer, ema, scaler, rec, best)
@@ -324,8 +321,13 @@ def _consider(best: dict, which: str, model: nn.Module, val: ImageSource | None,
         rec["search_loss" if which == "features" else "start_search_loss"] = loss
     _logger.info("finetune: search-part loss %.4f %s", loss,
                  "after the feature stage" if which == "features" else "before training")
+    _keep_if_lower(best, loss, 0, which, model)
+
+
+def _keep_if_lower(best: dict, loss: float, epoch: int, which: str, model: nn.Module) -> None:
+    """`model`'s weights (a CPU copy) become `best` when `loss` is lower than its own."""
     if loss < best["loss"]:
-        best.update(loss=loss, epoch=0, which=which,
+        best.update(loss=loss, epoch=epoch, which=which,
                     state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
 
 
