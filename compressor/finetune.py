@@ -142,7 +142,7 @@ def finetune(
                 # epoch, so a resumed finetune continues exactly as an uninterrupted one would
                 np.random.seed((seed * 1_000_003 + epoch) % 2**32)
                 torch.manual_seed(seed * 1_000_003 + epoch)
-                net.train()
+                _train_mode(net, cfg)
                 order = _epoch_order(n, bs, seed, epoch)
                 for batch in images.batches(order=order, train=cfg.augment, seed=seed,
                                             epoch=epoch):
@@ -249,7 +249,7 @@ def _feature_stage(net: nn.Module, t_feat: nn.Module, images: ImageSource, cfg: 
     with torch.random.fork_rng(devices=_rng_devices(runtime)):
         for epoch in range(cfg.feature_epochs):
             torch.manual_seed(seed * 1_000_003 + 500_009 + epoch)
-            net.train()
+            _train_mode(net, cfg)
             total, seen = 0.0, 0
             order = _epoch_order(n, bs, seed + 7, epoch)
             for batch in images.batches(order=order, train=cfg.augment, seed=seed + 7,
@@ -304,6 +304,16 @@ def _optimizer(params, cfg: FinetuneCfg, lr: float) -> torch.optim.Optimizer:
 def _rng_devices(runtime: Runtime) -> list[torch.device]:
     """The devices whose random streams a training loop forks (the CUDA one, when used)."""
     return [runtime.device] if runtime.device.type == "cuda" else []
+
+
+def _train_mode(net: nn.Module, cfg: FinetuneCfg) -> None:
+    """`net` in train mode; with ``cfg.freeze_bn`` its BatchNorm layers stay in eval mode (their
+    running statistics kept and used, their affine parameters still trained)."""
+    net.train()
+    if cfg.freeze_bn:
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def _val_loss(model: nn.Module, val: ImageSource, t_val: Logits, runtime: Runtime) -> float:

@@ -156,6 +156,7 @@ class FinetuneCfg:
     clip_grad: float | None = None  # gradient norm clip (None: off)
     patience: int | None = None  # stop after this many epochs without a lower search loss
     keep_start: bool = True  # the weights before training compete with the epochs' (epoch 0)
+    freeze_bn: bool = False  # BatchNorm statistics kept (eval mode) while training
     feature_epochs: int = 0  # first match the teacher's features (the head's input)
     feature_lr: float | None = None  # the feature stage's lr (None: lr)
     feature_match: str = "last"  # last: the head's input; layers: every layer's output
@@ -362,6 +363,10 @@ def _validate_runtime(r: RuntimeCfg, source: str) -> None:
 
 
 def _validate_finetune(f: FinetuneCfg, d: DataCfg, source: str) -> None:
+    for key in ("keep_start", "freeze_bn"):
+        if not isinstance(getattr(f, key), bool):
+            raise RecipeError(f"recipe {source}: finetune.{key} is {getattr(f, key)!r}; give "
+                              "true or false")
     if not 0 <= f.ema_decay < 1:
         raise RecipeError(f"recipe {source}: finetune.ema_decay is {f.ema_decay!r}; give a "
                           "decay in [0, 1) (0: no EMA)")

@@ -256,3 +256,31 @@ def test_feature_match_is_checked_in_recipes():
 
     with pytest.raises(RecipeError, match="feature_match"):
         validate(Recipe().override("finetune", feature_match="every"), "t")
+
+
+def test_freeze_bn_keeps_every_batchnorm_statistic_while_the_weights_train(setup):
+    """With `freeze_bn`, the feature stage and the epochs train the weights (BatchNorm affine
+    parameters included) and leave every running statistic as it was; without it they move."""
+    teacher, s, choices, part, val = setup
+    features = s.assemble(["teacher"] * len(s.layers)).eval()
+    for freeze in (True, False):
+        student = s.assemble(choices)
+        before = copy.deepcopy(student.state_dict())
+        cfg = FinetuneCfg(epochs=1, batch_size=4, opt="adamw", lr=1e-3, ema_decay=0,
+                          feature_epochs=1, keep_start=False, freeze_bn=freeze)
+        finetune(student, teacher, part, cfg, progress=False, teacher_features=features)
+        after = student.state_dict()
+        stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+        affine = [k for k in before if k.rpartition(".")[0] + ".running_mean" in before
+                  and k.endswith("weight")]
+        assert stats and affine
+        assert all(torch.equal(before[k], after[k]) for k in stats) == freeze
+        assert any(not torch.equal(before[k], after[k]) for k in affine)
+
+
+def test_freeze_bn_is_checked_in_recipes():
+    from compressor._errors import RecipeError
+    from compressor.recipe import Recipe, validate
+
+    with pytest.raises(RecipeError, match="freeze_bn"):
+        validate(Recipe().override("finetune", freeze_bn="yes"), "t")
