@@ -11,7 +11,9 @@ same-shape blocks (``compressor.baseline.drop_blocks``: identity, greedily by ac
 millisecond saved) down to the student's measured speedup (as a share of the teacher's LUT
 latency; where the LUT overshoots and the baseline measures faster than the student beyond
 ``search.tolerance``, the last drops are undone while it stays within it, so that both compare
-at equal measured latency as far as whole blocks allow), then gets the same finetune. Both are
+at equal measured latency as far as whole blocks allow), then gets the same re-distillation
+(which, with ``redistill.teacher_lr``, refits the teacher's blocks after the first dropped one)
+and finetune. Both are
 measured end to end on the target and scored on the held-out part. One JSON line per speedup:
 
     {"requested", "measured", "teacher_top1", "student_top1", "agreement", "baseline_top1",
@@ -45,7 +47,7 @@ from compressor.baseline import drop_blocks
 from compressor.evaluate import evaluate, predict
 from compressor.inputs import prepare
 from compressor.latency import Measurer, can_measure, measure_pair
-from compressor.pipeline import evaluate_step, finetune_step, run_steps
+from compressor.pipeline import evaluate_step, finetune_step, redistill_step, run_steps
 from compressor.recipe import default_recipe_name, load_recipe
 from compressor.teacher import load_teacher
 
@@ -87,7 +89,7 @@ def run_speedup(model: str, data: Path, target: str, speedup: float, work_dir: P
         if back_pm is None or back_pm.ratio > measured + tol:
             break  # one drop fewer would be slower than the student
         base, b_pm, backed_off = back, back_pm, backed_off + 1
-    b_student = finetune_step(run, pool, base.choices)
+    b_student = finetune_step(run, pool, base.choices, redistill_step(run, pool, base.choices))
     b_scores = evaluate_step(run, b_student.model)
     return {
         "requested": speedup,

@@ -42,9 +42,12 @@ def redistill(student: TransformedNet, split: Split, images: ImageSource, cfg: R
     rec: dict = {"epochs": cfg.epochs, "steps": 0, "layers": {}, "teacher_layers": kept}
     if not replaced:
         return rec
-    if cfg.epochs > 0:
-        _refit(student, split, images, cfg, runtime or Runtime.cpu(), seed, progress,
-               {i: cfg.lr for i in replaced} | {i: cfg.teacher_lr for i in kept}, rec)
+    rates = {i: lr for i, lr in ({i: cfg.lr for i in replaced}
+                                 | {i: cfg.teacher_lr for i in kept}).items()
+             if any(True for _ in student.layers[i].parameters())}  # identities have none
+    if cfg.epochs > 0 and rates:
+        _refit(student, split, images, cfg, runtime or Runtime.cpu(), seed, progress, rates,
+               rec)
     if cfg.correct:
         rec["correction"] = correct(student, split, images, augment=cfg.augment,
                                     runtime=runtime, seed=seed + 1, progress=progress)
