@@ -12,8 +12,7 @@ millisecond saved) down to the student's measured speedup (as a share of the tea
 latency; where the LUT overshoots and the baseline measures faster than the student beyond
 ``search.tolerance``, the last drops are undone while it stays within it, so that both compare
 at equal measured latency as far as whole blocks allow), then gets the same re-distillation
-(which, with ``redistill.teacher_lr``, refits the teacher's blocks after the first dropped one)
-and finetune. Both are
+(a no-op for identities) and finetune. Both are
 measured end to end on the target and scored on the held-out part. One JSON line per speedup:
 
     {"requested", "measured", "teacher_top1", "student_top1", "agreement", "baseline_top1",

@@ -130,7 +130,6 @@ class RedistillCfg:
     lr: float = 0.001  # Adam, every replaced op from its phase-1 weights
     augment: bool = True
     correct: bool = False  # then a closed-form 1x1 correction per op, folded (no latency)
-    teacher_lr: float | None = None  # teacher layers after the first replaced one refit too
 
 
 @dataclass
@@ -301,10 +300,6 @@ def validate(recipe: Recipe, source: str) -> None:
     _validate_distill(recipe.distill, source)
     _validate_runtime(recipe.runtime, source)
     _validate_finetune(recipe.finetune, recipe.data, source)
-    lr = recipe.redistill.teacher_lr
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0):
-        raise RecipeError(f"recipe {source}: redistill.teacher_lr is {lr!r}; give a learning "
-                          "rate > 0, or null to keep the teacher's layers frozen")
 
 
 def _validate_search_time(c: SearchCfg, source: str) -> None:

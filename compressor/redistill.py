@@ -5,12 +5,10 @@ compound. Here every replaced op, in network order, trains on the student's own 
 to it, with the teacher layer's output on the same (augmented) view as the target, starting from
 its phase-1 weights. One pass per batch trains them all: the student runs forward layer by
 layer, each replaced op takes a step on what the student feeds it, and its new output (detached)
-feeds the next layer. The replaced ops train in train mode, so their BatchNorm statistics follow
-the student's inputs. Teacher layers kept in the student stay frozen, unless
-``cfg.teacher_lr`` is set: then those after the first replaced layer refit the same way (eval
-mode: the teacher's BatchNorm statistics kept, its weights and affine parameters trained), so a
-kept block learns to undo the error that reaches it from the layers replaced or dropped before
-it (as cross distillation refits every layer of a pruned network).
+feeds the next layer. Teacher layers kept in the student stay frozen in eval mode; the replaced
+ops train in train mode, so their BatchNorm statistics follow the student's inputs. (Refitting
+the kept teacher layers after the first replaced one the same way was measured and lowers the
+held-out top-1: BENCHMARKS.md.)
 """
 
 from __future__ import annotations
@@ -32,21 +30,15 @@ __all__ = ["redistill"]
 
 def redistill(student: TransformedNet, split: Split, images: ImageSource, cfg: RedistillCfg,
               *, runtime: Runtime | None = None, seed: int = 0, progress: bool = True) -> dict:
-    """Refit `student`'s replaced ops (and, with `cfg.teacher_lr`, the teacher layers after the
-    first of them) in place; returns {'epochs', 'steps', 'layers': {index: normalised MSE of the
-    last epoch}, 'teacher_layers': [indices of the teacher layers refitted]} and, with
-    `cfg.correct`, 'correction' (see :func:`compressor.correction.correct`)."""
+    """Refit `student`'s replaced ops in place; returns {'epochs', 'steps', 'layers': {index:
+    normalised MSE of the last epoch}} and, with `cfg.correct`, 'correction' (see
+    :func:`compressor.correction.correct`)."""
     replaced = [i for i, c in enumerate(student.choices) if c != TEACHER]
-    kept = ([i for i, c in enumerate(student.choices) if c == TEACHER and i > replaced[0]]
-            if replaced and cfg.teacher_lr else [])
-    rec: dict = {"epochs": cfg.epochs, "steps": 0, "layers": {}, "teacher_layers": kept}
-    if not replaced:
-        return rec
-    rates = {i: lr for i, lr in ({i: cfg.lr for i in replaced}
-                                 | {i: cfg.teacher_lr for i in kept}).items()
-             if any(True for _ in student.layers[i].parameters())}  # identities have none
-    if cfg.epochs > 0 and rates:
-        _refit(student, split, images, cfg, runtime or Runtime.cpu(), seed, progress, rates,
+    rec: dict = {"epochs": cfg.epochs, "steps": 0, "layers": {}}
+    trained = [i for i in replaced  # identities have no weights
+               if any(True for _ in student.layers[i].parameters())]
+    if cfg.epochs > 0 and trained:
+        _refit(student, split, images, cfg, runtime or Runtime.cpu(), seed, progress, trained,
                rec)
     if cfg.correct:
         rec["correction"] = correct(student, split, images, augment=cfg.augment,
@@ -55,20 +47,15 @@ def redistill(student: TransformedNet, split: Split, images: ImageSource, cfg: R
 
 
 def _refit(student: TransformedNet, split: Split, images: ImageSource, cfg: RedistillCfg,
-           runtime: Runtime, seed: int, progress: bool, rates: dict[int, float],
-           rec: dict) -> None:
-    """Train the layers in `rates` (index -> Adam rate) in network order on the student's own
-    activations; teacher layers among them in eval mode."""
+           runtime: Runtime, seed: int, progress: bool, trained: list[int], rec: dict) -> None:
+    """Train the layers `trained` in network order on the student's own activations."""
     from tqdm import tqdm
 
     net = runtime.module(student)
     stem = runtime.module(split.stem).eval()
     teacher = [runtime.module(layer.module).eval() for layer in split.layers]
-    kept = set(rec["teacher_layers"])
-    for i in kept:  # a copy of the teacher's layer, which may come with its weights frozen
-        net.layers[i].requires_grad_(True)
     opts = {i: torch.optim.Adam([p for p in net.layers[i].parameters() if p.requires_grad],
-                                lr=lr) for i, lr in rates.items()
+                                lr=cfg.lr) for i in trained
             if any(p.requires_grad for p in net.layers[i].parameters())}
     n = len(images)
     bs = max(1, min(cfg.batch_size, n))
@@ -77,7 +64,7 @@ def _refit(student: TransformedNet, split: Split, images: ImageSource, cfg: Redi
     rng = torch.random.get_rng_state()
     for epoch in range(cfg.epochs):
         torch.manual_seed(seed * 1_000_003 + epoch)
-        sums = {i: 0.0 for i in rates}
+        sums = {i: 0.0 for i in trained}
         seen = 0
         for batch in images.batches(order=_epoch_order(n, bs, seed, epoch), train=cfg.augment,
                                     seed=seed, epoch=epoch):
@@ -95,7 +82,7 @@ def _refit(student: TransformedNet, split: Split, images: ImageSource, cfg: Redi
                     with torch.no_grad(), runtime.autocast():
                         h = op(h)
                     continue
-                op.train(i not in kept)
+                op.train()
                 target = targets[i]
                 scale.setdefault(i, max(float(target.pow(2).mean()), 1e-6))
                 out = op(h.detach().float())  # fp32: no GradScaler here
@@ -109,8 +96,8 @@ def _refit(student: TransformedNet, split: Split, images: ImageSource, cfg: Redi
             seen += len(x)
             rec["steps"] += 1
             bar.update(1)
-        rec["layers"] = {i: sums[i] / max(seen, 1) for i in sorted(rates)}
-        bar.set_postfix(mse=f"{sum(rec['layers'].values()) / len(rates):.3f}")
+        rec["layers"] = {i: sums[i] / max(seen, 1) for i in trained}
+        bar.set_postfix(mse=f"{sum(rec['layers'].values()) / len(trained):.3f}")
     bar.close()
     torch.random.set_rng_state(rng)
     if net is not student:
