@@ -18,7 +18,7 @@ measured end to end on the target and scored on the held-out part. One JSON line
     {"requested", "measured", "teacher_top1", "student_top1", "agreement", "baseline_top1",
      "baseline_agreement", "baseline_measured", "baseline_reached", "baseline_backed_off",
      "eval_images", "seconds", "student_seconds", "phase_seconds", "data_seed", "choices",
-     "baseline_choices", "finetune_kept", "baseline_finetune_kept"}
+     "baseline_choices", "finetune_kept", "baseline_finetune_kept", "runoff"}
 
 (``student_seconds``: up to the student's evaluation, what ``compress`` alone takes at that
 speedup in a work dir with what earlier rows cached; ``seconds`` adds the baseline.)
@@ -71,6 +71,7 @@ def run_speedup(model: str, data: Path, target: str, speedup: float, work_dir: P
     measured = sel.measured_speedup  # timed in alternation with the teacher
     student_seconds = round(time.perf_counter() - t0, 1)  # what `compress` alone would take
     phase_seconds = {k: v.get("seconds") for k, v in run.phases.items()}  # before the baseline's
+    phase_runoff = dict(run.phases.get("runoff", {}))  # the baseline's steps would overwrite
 
     # the baseline drops blocks down to the student's *measured* speedup (in LUT terms), then,
     # where its own measurement is faster than the student's beyond the search's tolerance,
@@ -109,6 +110,7 @@ def run_speedup(model: str, data: Path, target: str, speedup: float, work_dir: P
         "choices": list(sel.best.choices),
         "baseline_choices": base.choices,
         "finetune_kept": _kept(st.student.record),
+        "runoff": _runoff(phase_runoff),
         "baseline_finetune_kept": _kept(b_student.record),
         "search_rounds": [_round(r) for r in sel.rounds],
     }
@@ -122,6 +124,14 @@ def _kept(rec: dict) -> dict:
             "features_loss": (rec.get("feature_stage") or {}).get("search_loss"),
             "epoch_losses": [[h.get("search_loss"), h.get("search_loss_ema")]
                              for h in rec.get("history", [])]}
+
+
+def _runoff(rec: dict) -> dict | None:
+    """What `search.block_drop_runoff` decided (None where off)."""
+    if not rec:
+        return None
+    return {k: rec.get(k) for k in ("kept", "skipped", "choices", "student_search_loss",
+                                    "block_drop_search_loss", "measured_speedup")}
 
 
 def _round(r: dict) -> dict:

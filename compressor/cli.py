@@ -396,7 +396,8 @@ def _phase_command(name: str, doc: str):
             return
         lat = pipeline.lut_step(run)
         pool = pipeline.distill_step(run, lat)
-        sel = pipeline.search_step(run, lat, pool, pipeline.fitness_step(run, pool))
+        fit = pipeline.fitness_step(run, pool)
+        sel = pipeline.search_step(run, lat, pool, fit)
         if name == "search":
             for r in sel.rounds:
                 for j, (sol, loss) in enumerate(zip(r["solutions"], r["candidate_losses"])):
@@ -407,6 +408,7 @@ def _phase_command(name: str, doc: str):
             return
         start = pipeline.redistill_step(run, pool, sel.best.choices)
         student = pipeline.finetune_step(run, pool, sel.best.choices, start)
+        sel, student = pipeline.runoff_step(run, lat, pool, fit, sel, student)
         scores = pipeline.evaluate_step(run, student.model)
         click.echo(headline(pipeline.build_report(run, lat, pool, sel, scores)))
 

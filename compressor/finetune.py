@@ -210,6 +210,7 @@ def finetune(
     if "state" in best:  # the lowest search-part loss: epoch 0, or an epoch's raw/EMA
         student.load_state_dict(best["state"])
         rec["kept"], rec["kept_epoch"] = best["which"], best["epoch"]
+        rec["kept_search_loss"] = best["loss"]
     elif net is not student:
         student.load_state_dict(net.state_dict())  # copies across devices
     student.eval()

@@ -19,6 +19,7 @@ from torch import nn
 import ops_pool
 from latency_luts import LUT, LutError
 
+from .baseline import drop_blocks
 from .complexity import complexity
 from .distill import ENGINE_VERSION
 from .evaluate import evaluate, predict
@@ -28,13 +29,14 @@ from .inputs import RunInputs, divisor_key, prepare
 from .latency import Latencies, Measurer, latency_table, stale
 from .pool import Pool, calibrate_pool, distill_pool
 from .redistill import redistill
+from .search import Solution
 from .selection import Selection, select_architecture
 from .split import TEACHER
 from .store import artifact_lock, cached, digest, seal, unseal
 
 __all__ = ["Result", "Steps", "Student", "compress", "run_all", "run_steps", "lut_step",
            "distill_step", "fitness_step", "search_step", "redistill_step", "finetune_step",
-           "evaluate_step", "build_report"]
+           "runoff_step", "evaluate_step", "build_report"]
 
 _logger = logging.getLogger(__name__)
 
@@ -192,20 +194,27 @@ def search_step(run: RunInputs, lat: Latencies, pool: Pool, fit: Fitness) -> Sel
 def _trained(run: RunInputs, phase: str, path: Path, model: nn.Module,
              train: Callable[[], dict]) -> Student:
     """`model` with the weights cached at `path`, else trained in place by `train` (which
-    returns its record) and saved there: the re-distill and finetune steps."""
+    returns its record) and saved there, its record beside it (a cached student still says
+    which weights its finetune kept): the re-distill and finetune steps."""
     record: dict = {}
+    record_path = path.with_suffix(".json")
 
     def compute() -> nn.Module:
         record.update(train())
         return model
 
+    def save(m: nn.Module, p: Path) -> None:
+        run.store.write_json(record_path, record)  # first: the weights mark the artifact done
+        run.store.save_tensors(p, m.state_dict())
+
     def load(p: Path) -> nn.Module:
         model.load_state_dict(run.store.load_tensors(p))
+        if record_path.is_file():  # absent in work dirs from before the records were kept
+            record.update(run.store.read_json(record_path))
         return model
 
     with run.phase(phase) as rec:
-        _, rec["cached"] = cached(path, compute,
-                                  lambda m, p: run.store.save_tensors(p, m.state_dict()), load)
+        _, rec["cached"] = cached(path, compute, save, load)
         rec.update(record)
     return Student(model.eval(), record)
 
@@ -247,6 +256,61 @@ def finetune_step(run: RunInputs, pool: Pool, choices: list[str],
         checkpoint=checkpoint, teacher_features=features))
     checkpoint.unlink(missing_ok=True)  # the finished weights are saved
     return out
+
+
+def runoff_step(run: RunInputs, lat: Latencies, pool: Pool, fit: Fitness, sel: Selection,
+                student: Student) -> tuple[Selection, Student]:
+    """With ``search.block_drop_runoff``: the block-dropping architecture
+    (`compressor.baseline`) at the pick's measured latency, re-distilled and finetuned as the
+    student was, replaces it when the search part says it is closer to the teacher (the
+    kept weights' search-part loss) and it measures within the request. On the shared images
+    the finetune lowered a block-dropped network's loss where it raised a student's with
+    replaced ops, so the ranking before the finetune cannot see this."""
+    cfg = run.recipe.search
+    if not cfg.block_drop_runoff:
+        return sel, student
+    with run.phase("runoff") as rec:
+        own = student.record.get("kept_search_loss")
+        goal = (sel.measured_speedup * lat.teacher_ms if sel.measured_speedup
+                else lat.fixed_ms + sel.best.latency_ms)
+        base = drop_blocks(lat, fit, goal)
+        rec.clear()  # a second runoff in one run describes itself only
+        rec.update(choices=base.choices, student_search_loss=own)
+        if own is None:
+            rec["skipped"] = "the finetune kept no search-part loss (no search part)"
+        elif not base.reached or base.choices == list(sel.best.choices):
+            rec["skipped"] = ("block dropping cannot reach the pick's latency" if not base.reached
+                              else "the pick drops blocks only")
+        if rec.get("skipped"):
+            return sel, student
+        pm = Measurer(run.lut, run.lut_path, run.teacher, run.input_size).paired(
+            pool.assemble(base.choices))
+        rec["measured_speedup"] = pm.ratio if pm else None
+        if pm is not None and pm.ratio > run.speedup + cfg.tolerance:
+            rec["skipped"] = (f"it measures {pm.ratio:.3f}, slower than the requested "
+                              f"{run.speedup} + tolerance {cfg.tolerance}")
+            return sel, student
+        mine = {k: run.phases.pop(k) for k in ("redistill", "finetune") if k in run.phases}
+        other = finetune_step(run, pool, base.choices, redistill_step(run, pool, base.choices))
+        for k in ("redistill", "finetune"):  # the student's own records stay where they were
+            if k in run.phases:
+                rec[k] = run.phases.pop(k)
+        run.phases.update(mine)
+        theirs = other.record.get("kept_search_loss")
+        rec["block_drop_search_loss"] = theirs
+        rec["kept"] = "block-drop" if theirs is not None and theirs < own else "student"
+    if rec["kept"] == "student":
+        return sel, student
+    run.note(f"block dropping ({base.choices.count('identity')} blocks) was closer to the "
+             f"teacher on the search part after the same finetune ({theirs:.4f} against "
+             f"{own:.4f}) and replaced the searched architecture")
+    objective = sum(fit.a[i].get(op, 0.0) for i, op in enumerate(base.choices))
+    best = Solution(base.choices, objective, base.predicted_ms - lat.fixed_ms, "block-drop")
+    timed = {"measured_ms": pm.b_ms if pm else None,
+             "teacher_measured_ms": pm.a_ms if pm else None,
+             "measured_speedup": pm.ratio if pm else None,
+             "search_loss": theirs, "replaced_search_loss": own}
+    return replace(sel, best=best, runoff=timed), other
 
 
 def evaluate_step(run: RunInputs, student: nn.Module) -> dict[str, dict]:
@@ -293,7 +357,8 @@ def build_report(run: RunInputs, lat: Latencies, pool: Pool, sel: Selection,
         "data": {k: len(v) for k, v in run.parts.items()} | {"skipped": len(skipped),
                                                              "skipped_files": skipped[:20]},
         "distill": {"failed_ops": pool.failed},
-        "search": {"rounds": sel.rounds, "chosen_round": sel.chosen_round % len(sel.rounds)},
+        "search": {"rounds": sel.rounds, "chosen_round": sel.chosen_round % len(sel.rounds),
+                   "runoff": sel.runoff},
         "front": sel.front,
         "layer_latency_ms": _layer_latencies(lat, sel.best.choices),
         "complexity": _complexity(run, student) if student is not None else None,
@@ -339,6 +404,7 @@ def run_steps(run: RunInputs) -> Steps:
     sel = search_step(run, lat, pool, fit)
     start = redistill_step(run, pool, sel.best.choices)
     student = finetune_step(run, pool, sel.best.choices, start)
+    sel, student = runoff_step(run, lat, pool, fit, sel, student)
     return Steps(lat, pool, fit, sel, student, evaluate_step(run, student.model))
 
 

@@ -114,6 +114,10 @@ class SearchCfg:
     tolerance: float = 0.03
     refine_rounds: int = 0  # re-score every op in the best architecture's context, re-solve
     block_drop_candidate: bool = True  # rank the block-dropping baseline's architecture too
+    # after the finetune: the block-dropping architecture at the pick's latency, re-distilled
+    # and finetuned the same way, replaces the student when its search-part loss is lower and
+    # it measures within the request (one more finetune)
+    block_drop_runoff: bool = False
     rerank_top: int = 0  # re-rank the best this many after a brief re-distillation (0: off)
     rerank_images: int = 128  # distill images that re-distillation sees
     rerank_epochs: int = 1
@@ -288,8 +292,9 @@ def validate(recipe: Recipe, source: str) -> None:
             raise RecipeError(
                 f"recipe {source}: {section}.{key} is {value!r}; choose one of {', '.join(allowed)}"
             )
-    if not isinstance(recipe.search.hardware_in_loop, bool):
-        raise RecipeError(f"recipe {source}: search.hardware_in_loop must be true or false")
+    for key in ("hardware_in_loop", "block_drop_candidate", "block_drop_runoff"):
+        if not isinstance(getattr(recipe.search, key), bool):
+            raise RecipeError(f"recipe {source}: search.{key} must be true or false")
     if not 0 < recipe.search.overlap <= 1:
         raise RecipeError(f"recipe {source}: search.overlap must be in (0, 1]")
     n = recipe.fitness.bn_recalibrate_images

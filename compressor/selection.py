@@ -45,20 +45,25 @@ class Selection:
     measured_in_loop: int | None = None
     notes: list[str] = field(default_factory=list)
     chosen_round: int = -1  # the round whose architecture is `best`
+    runoff: dict | None = None  # set when the block-dropping runoff replaced the pick
+
+    def _timed(self) -> dict:
+        """Where `best`'s measurement is: the runoff's, else its verify round's."""
+        return self.runoff if self.runoff is not None else self.rounds[self.chosen_round]
 
     @property
     def measured_ms(self) -> float | None:
-        return self.rounds[self.chosen_round]["measured_ms"]
+        return self._timed().get("measured_ms")
 
     @property
     def teacher_measured_ms(self) -> float | None:
         """The teacher's end-to-end latency, timed in alternation with `measured_ms`."""
-        return self.rounds[self.chosen_round].get("teacher_measured_ms")
+        return self._timed().get("teacher_measured_ms")
 
     @property
     def measured_speedup(self) -> float | None:
         """The median ratio student / teacher over the alternating rounds."""
-        return self.rounds[self.chosen_round].get("measured_speedup")
+        return self._timed().get("measured_speedup")
 
     def to_dict(self) -> dict:
         out = {"prefilter": self.prefilter, "rounds": len(self.rounds), "method": self.method}

@@ -2,6 +2,7 @@
 synthetic images; the output folder round trip through timm; artifact reuse and resume."""
 
 import copy
+import dataclasses
 import json
 import shutil
 
@@ -624,3 +625,83 @@ def test_a_lut_timed_the_old_way_is_measured_again_not_merged(run_result, tmp_pa
     disk = latency_luts.LUT.load(again.lut_path)
     assert disk.fingerprint["timing"] == "io-bound"
     assert all(e["ms"] < 1000.0 for e in disk.entries.values())
+
+
+def test_block_drop_runoff_keeps_the_network_closer_to_the_teacher(run_result, monkeypatch):
+    """`search.block_drop_runoff`: after the finetune, block dropping at the pick's latency is
+    re-distilled and finetuned too and replaces the student only when its kept weights' loss
+    on the search part is lower and it measures within the request; the student's own phase
+    records stay where they were."""
+    from types import SimpleNamespace
+
+    from compressor.pipeline import Student
+    from compressor.search import Solution
+
+    d = run_result
+    # test_resnet: its same-shape blocks can be dropped (test_efficientnet has none)
+    recipe = d["kwargs"]["recipe"].override("search", block_drop_runoff=True)
+    recipe = recipe.override("pool", include=["identity", "cb_bottle_3x3_ex0.125"])
+    torch.manual_seed(0)
+    teacher = timm.create_model("test_resnet").eval()
+    kwargs = dict(d["kwargs"], recipe=recipe)
+    run = compressor.prepare(teacher, d["data"], "cpu", 0.6, **kwargs)
+    lat = pipeline.lut_step(run)
+    pool = pipeline.distill_step(run, lat)
+    fit = pipeline.fitness_step(run, pool)
+    sel = pipeline.search_step(run, lat, pool, fit)
+    # the pick, fixed: a replaced op where block dropping would drop the first block, timed
+    # at 0.8 of the teacher (block dropping reaches that: its first block is ~1/5 of it)
+    pick = ["cb_bottle_3x3_ex0.125"] + ["teacher"] * (len(lat.b) - 1)
+    sel = dataclasses.replace(sel, best=Solution(pick, 0.0, sel.best.latency_ms, "ip"),
+                              rounds=[dict(sel.rounds[-1], measured_speedup=0.8)])
+    student = pipeline.finetune_step(run, pool, pick, pipeline.redistill_step(run, pool, pick))
+    rec = student.record
+    kept = (rec["start_search_loss"] if rec["kept_epoch"] == 0 else
+            rec["history"][rec["kept_epoch"] - 1]["search_loss_ema" if rec["kept"] == "ema"
+                                                  else "search_loss"])
+    assert rec["kept_search_loss"] == kept  # what the runoff compares
+    own_finetune = run.phases["finetune"]
+    ratio = {"value": 0.55}  # the end-to-end timing, fixed: a shared machine drifts
+    monkeypatch.setattr(pipeline.Measurer, "paired", lambda self, model: SimpleNamespace(
+        a_ms=10.0, b_ms=10.0 * ratio["value"], ratio=ratio["value"]))
+    trained = []
+    real = pipeline.finetune_step
+    monkeypatch.setattr(pipeline, "finetune_step",
+                        lambda r, p, choices, start=None: trained.append(choices)
+                        or real(r, p, choices, start))
+
+    def with_loss(loss):
+        return Student(student.model, dict(student.record, kept_search_loss=loss))
+
+    # a student further from the teacher than block dropping: replaced
+    sel2, other = pipeline.runoff_step(run, lat, pool, fit, sel, with_loss(1e9))
+    out = dict(run.phases["runoff"])
+    assert out.get("skipped") is None, out.get("skipped")
+    assert out["kept"] == "block-drop" and trained == [out["choices"]]
+    assert set(sel2.best.choices) <= {"teacher", "identity"}
+    assert sel2.best.choices != sel.best.choices and sel2.best.choices == out["choices"]
+    assert sel2.measured_speedup == 0.55 and sel2.measured_ms == pytest.approx(5.5)
+    assert other.model is not student.model
+    assert run.phases["finetune"] is own_finetune and "finetune" in out  # its own, apart
+    report = pipeline.build_report(run, lat, pool, sel2, pipeline.evaluate_step(run, other.model))
+    assert report["student"]["choices"] == out["choices"]
+    assert report["speedup"]["measured"] == 0.55 and report["search"]["runoff"]["search_loss"] \
+        == out["block_drop_search_loss"]
+    assert any("block dropping" in n for n in run.notes)
+    # a student closer to the teacher: kept (the block-dropped network's finetune is cached)
+    sel3, same = pipeline.runoff_step(run, lat, pool, fit, sel, with_loss(-1.0))
+    assert run.phases["runoff"]["kept"] == "student" and sel3 is sel and same.model is \
+        student.model
+    # the cached finetune's record came back with its weights
+    assert run.phases["runoff"]["block_drop_search_loss"] == out["block_drop_search_loss"]
+    assert run.phases["runoff"]["finetune"]["cached"] is True
+    # block dropping that measures slower than asked is not trained at all
+    ratio["value"], trained[:] = 0.6 + recipe.search.tolerance + 0.05, []
+    sel4, same = pipeline.runoff_step(run, lat, pool, fit, sel, with_loss(1e9))
+    assert sel4 is sel and not trained and "slower than" in run.phases["runoff"]["skipped"]
+    # off (the default): nothing happens
+    off = compressor.prepare(teacher, d["data"], "cpu", 0.6,
+                             **dict(kwargs, recipe=recipe.override("search",
+                                                                   block_drop_runoff=False)))
+    assert pipeline.runoff_step(off, lat, pool, fit, sel, student) == (sel, student)
+    assert "runoff" not in off.phases
