@@ -22,7 +22,7 @@ from latency_luts import LUT, LutError
 from .baseline import drop_blocks
 from .complexity import complexity
 from .distill import ENGINE_VERSION
-from .evaluate import evaluate, predict
+from .evaluate import evaluate, mean_loss, predict
 from .finetune import finetune
 from .fitness import Fitness, fitness
 from .inputs import RunInputs, divisor_key, prepare
@@ -262,22 +262,27 @@ def runoff_step(run: RunInputs, lat: Latencies, pool: Pool, fit: Fitness, sel: S
                 student: Student) -> tuple[Selection, Student]:
     """With ``search.block_drop_runoff``: the block-dropping architecture
     (`compressor.baseline`) at the pick's measured latency, re-distilled and finetuned as the
-    student was, replaces it when the search part says it is closer to the teacher (the
-    kept weights' search-part loss) and it measures within the request. On the shared images
+    student was, replaces it when its loss on the search part (KL to the teacher, as the
+    finetune scores its epochs) is lower and it measures within the request. On the shared images
     the finetune lowered a block-dropped network's loss where it raised a student's with
     replaced ops, so the ranking before the finetune cannot see this."""
     cfg = run.recipe.search
     if not cfg.block_drop_runoff:
         return sel, student
+    search = run.parts["search"]
     with run.phase("runoff") as rec:
-        own = student.record.get("kept_search_loss")
+        # both networks scored here, on the search part, as the finetune scores its epochs (a
+        # finetune cached by an older version carries no record of its own)
+        t_search = predict(run.teacher, search, run.runtime) if len(search) else None
+        own = (mean_loss(predict(student.model, search, run.runtime), t_search)
+               if t_search is not None else None)
         goal = (sel.measured_speedup * lat.teacher_ms if sel.measured_speedup
                 else lat.fixed_ms + sel.best.latency_ms)
         base = drop_blocks(lat, fit, goal)
         rec.clear()  # a second runoff in one run describes itself only
         rec.update(choices=base.choices, student_search_loss=own)
         if own is None:
-            rec["skipped"] = "the finetune kept no search-part loss (no search part)"
+            rec["skipped"] = "no search part to compare the two on"
         elif not base.reached or base.choices == list(sel.best.choices):
             rec["skipped"] = ("block dropping cannot reach the pick's latency" if not base.reached
                               else "the pick drops blocks only")
@@ -296,9 +301,9 @@ def runoff_step(run: RunInputs, lat: Latencies, pool: Pool, fit: Fitness, sel: S
             if k in run.phases:
                 rec[k] = run.phases.pop(k)
         run.phases.update(mine)
-        theirs = other.record.get("kept_search_loss")
+        theirs = mean_loss(predict(other.model, search, run.runtime), t_search)
         rec["block_drop_search_loss"] = theirs
-        rec["kept"] = "block-drop" if theirs is not None and theirs < own else "student"
+        rec["kept"] = "block-drop" if theirs < own else "student"
     if rec["kept"] == "student":
         return sel, student
     run.note(f"block dropping ({base.choices.count('identity')} blocks) was closer to the "

@@ -629,9 +629,9 @@ def test_a_lut_timed_the_old_way_is_measured_again_not_merged(run_result, tmp_pa
 
 def test_block_drop_runoff_keeps_the_network_closer_to_the_teacher(run_result, monkeypatch):
     """`search.block_drop_runoff`: after the finetune, block dropping at the pick's latency is
-    re-distilled and finetuned too and replaces the student only when its kept weights' loss
-    on the search part is lower and it measures within the request; the student's own phase
-    records stay where they were."""
+    re-distilled and finetuned too and replaces the student only when its loss on the search
+    part is lower and it measures within the request; the student's own phase records stay
+    where they were."""
     from types import SimpleNamespace
 
     from compressor.pipeline import Student
@@ -670,11 +670,14 @@ def test_block_drop_runoff_keeps_the_network_closer_to_the_teacher(run_result, m
                         lambda r, p, choices, start=None: trained.append(choices)
                         or real(r, p, choices, start))
 
-    def with_loss(loss):
-        return Student(student.model, dict(student.record, kept_search_loss=loss))
+    bad = copy.deepcopy(student.model)  # far from the teacher
+    with torch.no_grad():
+        for prm in bad.parameters():
+            prm.copy_(torch.randn_like(prm))
+    exact = pool.assemble(["teacher"] * len(pick)).eval()  # the teacher itself: loss ~0
 
     # a student further from the teacher than block dropping: replaced
-    sel2, other = pipeline.runoff_step(run, lat, pool, fit, sel, with_loss(1e9))
+    sel2, other = pipeline.runoff_step(run, lat, pool, fit, sel, Student(bad, student.record))
     out = dict(run.phases["runoff"])
     assert out.get("skipped") is None, out.get("skipped")
     assert out["kept"] == "block-drop" and trained == [out["choices"]]
@@ -689,15 +692,17 @@ def test_block_drop_runoff_keeps_the_network_closer_to_the_teacher(run_result, m
         == out["block_drop_search_loss"]
     assert any("block dropping" in n for n in run.notes)
     # a student closer to the teacher: kept (the block-dropped network's finetune is cached)
-    sel3, same = pipeline.runoff_step(run, lat, pool, fit, sel, with_loss(-1.0))
-    assert run.phases["runoff"]["kept"] == "student" and sel3 is sel and same.model is \
-        student.model
-    # the cached finetune's record came back with its weights
-    assert run.phases["runoff"]["block_drop_search_loss"] == out["block_drop_search_loss"]
-    assert run.phases["runoff"]["finetune"]["cached"] is True
+    sel3, same = pipeline.runoff_step(run, lat, pool, fit, sel, Student(exact, {}))
+    assert run.phases["runoff"]["kept"] == "student" and sel3 is sel and same.model is exact
+    assert run.phases["runoff"]["student_search_loss"] < 1e-6 < out["student_search_loss"]
+    # the cached finetune: the same weights, and its record came back with them
+    again = run.phases["runoff"]
+    assert again["block_drop_search_loss"] == out["block_drop_search_loss"]
+    assert again["finetune"]["cached"] is True and out["finetune"]["cached"] is False
+    assert again["finetune"]["kept"] == out["finetune"]["kept"] is not None
     # block dropping that measures slower than asked is not trained at all
     ratio["value"], trained[:] = 0.6 + recipe.search.tolerance + 0.05, []
-    sel4, same = pipeline.runoff_step(run, lat, pool, fit, sel, with_loss(1e9))
+    sel4, same = pipeline.runoff_step(run, lat, pool, fit, sel, Student(bad, {}))
     assert sel4 is sel and not trained and "slower than" in run.phases["runoff"]["skipped"]
     # off (the default): nothing happens
     off = compressor.prepare(teacher, d["data"], "cpu", 0.6,
