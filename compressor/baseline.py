@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .fitness import Fitness
 from .latency import Latencies
+from .search import Solution
 from .split import TEACHER
 
 __all__ = ["BlockDrop", "drop_blocks"]
@@ -26,6 +27,12 @@ class BlockDrop:
     predicted_ms: float  # LUT: stem, head and the layers kept
     reached: bool  # whether the budget was met (dropping every droppable block may not)
     order: list[int]  # the layers dropped, in the greedy order (the last is the first to undo)
+
+    def solution(self, lat: Latencies, fit: Fitness) -> Solution:
+        """As a search solution: the fitness objective and the layers' LUT latency (stem and
+        head excluded, as the solver counts it)."""
+        objective = sum(fit.a[i].get(op, 0.0) for i, op in enumerate(self.choices))
+        return Solution(self.choices, objective, self.predicted_ms - lat.fixed_ms, "block-drop")
 
     def undo_last(self, lat: Latencies) -> BlockDrop:
         """The same drops less the last one: a step back where the LUT's prediction overshot

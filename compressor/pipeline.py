@@ -29,7 +29,6 @@ from .inputs import RunInputs, divisor_key, prepare
 from .latency import Latencies, Measurer, latency_table, stale
 from .pool import Pool, calibrate_pool, distill_pool
 from .redistill import redistill
-from .search import Solution
 from .selection import Selection, select_architecture
 from .split import TEACHER
 from .store import artifact_lock, cached, digest, seal, unseal
@@ -271,17 +270,12 @@ def runoff_step(run: RunInputs, lat: Latencies, pool: Pool, fit: Fitness, sel: S
         return sel, student
     search = run.parts["search"]
     with run.phase("runoff") as rec:
-        # both networks scored here, on the search part, as the finetune scores its epochs (a
-        # finetune cached by an older version carries no record of its own)
-        t_search = predict(run.teacher, search, run.runtime) if len(search) else None
-        own = (mean_loss(predict(student.model, search, run.runtime), t_search)
-               if t_search is not None else None)
         goal = (sel.measured_speedup * lat.teacher_ms if sel.measured_speedup
                 else lat.fixed_ms + sel.best.latency_ms)
         base = drop_blocks(lat, fit, goal)
         rec.clear()  # a second runoff in one run describes itself only
-        rec.update(choices=base.choices, student_search_loss=own)
-        if own is None:
+        rec["choices"] = base.choices
+        if not len(search):
             rec["skipped"] = "no search part to compare the two on"
         elif not base.reached or base.choices == list(sel.best.choices):
             rec["skipped"] = ("block dropping cannot reach the pick's latency" if not base.reached
@@ -295,6 +289,11 @@ def runoff_step(run: RunInputs, lat: Latencies, pool: Pool, fit: Fitness, sel: S
             rec["skipped"] = (f"it measures {pm.ratio:.3f}, slower than the requested "
                               f"{run.speedup} + tolerance {cfg.tolerance}")
             return sel, student
+        # both networks scored here, on the search part, as the finetune scores its epochs (a
+        # finetune cached by an older version carries no record of its own)
+        t_search = predict(run.teacher, search, run.runtime)
+        own = rec["student_search_loss"] = mean_loss(
+            predict(student.model, search, run.runtime), t_search)
         mine = {k: run.phases.pop(k) for k in ("redistill", "finetune") if k in run.phases}
         other = finetune_step(run, pool, base.choices, redistill_step(run, pool, base.choices))
         for k in ("redistill", "finetune"):  # the student's own records stay where they were
@@ -309,8 +308,7 @@ def runoff_step(run: RunInputs, lat: Latencies, pool: Pool, fit: Fitness, sel: S
     run.note(f"block dropping ({base.choices.count('identity')} blocks) was closer to the "
              f"teacher on the search part after the same finetune ({theirs:.4f} against "
              f"{own:.4f}) and replaced the searched architecture")
-    objective = sum(fit.a[i].get(op, 0.0) for i, op in enumerate(base.choices))
-    best = Solution(base.choices, objective, base.predicted_ms - lat.fixed_ms, "block-drop")
+    best = base.solution(lat, fit)
     timed = {"measured_ms": pm.b_ms if pm else None,
              "teacher_measured_ms": pm.a_ms if pm else None,
              "measured_speedup": pm.ratio if pm else None,

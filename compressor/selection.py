@@ -150,9 +150,7 @@ class _Ranker:
         drop = drop_blocks(self.lat, self.fit, budget + self.lat.fixed_ms)
         if not drop.reached or any(sol.choices == drop.choices for sol in sols):
             return []
-        objective = sum(self.fit.a[i].get(op, 0.0) for i, op in enumerate(drop.choices))
-        return [Solution(drop.choices, objective, drop.predicted_ms - self.lat.fixed_ms,
-                         "block-drop")]
+        return [drop.solution(self.lat, self.fit)]
 
     def _solve(self, a, b, budget: float) -> list[Solution]:
         cfg = self.cfg
