@@ -52,6 +52,9 @@ def test_recipe_values_are_checked(tmp_path):
     ("search:\n  time_limit: 0\n", "search.time_limit is 0"),
     ("distill:\n  inherited_race: 0\n", "distill.inherited_race is 0"),
     ("distill:\n  inherited_race: 1.5\n", "distill.inherited_race is 1.5"),
+    ("search:\n  block_drop_runoff: 1\n", "search.block_drop_runoff must be true or false"),
+    ("search:\n  block_drop_candidate: yes please\n",
+     "search.block_drop_candidate must be true or false"),
 ])
 def test_search_time_and_gap_are_checked(tmp_path, body, match):
     p = tmp_path / "r.yaml"
